@@ -1,0 +1,51 @@
+# course-signup: `make run` starts the whole mesh locally, `make test` runs every test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+NODE_INSTALLED := node_modules/.installed
+GENERATED := gen/.generated
+PROTO_SOURCES := $(shell find protos -name '*.proto')
+
+.PHONY: all install gen run test test-unit lint-protos bench clean
+
+all: gen
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/gen" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/course_signup.pth"
+	touch $@
+
+$(NODE_INSTALLED): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: $(INSTALLED) $(NODE_INSTALLED)
+
+$(GENERATED): $(INSTALLED) $(PROTO_SOURCES) scripts/gen_protos.py
+	$(PY) scripts/gen_protos.py
+	touch $@
+
+gen: $(GENERATED)
+
+## run: the whole mesh on embedded defaults (kinesalite, SQLite, aiosmtpd), data under var/
+run: install gen
+	@mkdir -p var
+	$(VENV)/bin/honcho --no-prefix -f Procfile -e dev/local.env start 2>/dev/null || \
+	$(VENV)/bin/honcho -f Procfile -e dev/local.env start
+
+lint-protos: $(NODE_INSTALLED)
+	cd protos && ../node_modules/.bin/buf lint
+
+## test: proto lint, then unit, integration (SQLite and PostgreSQL) and end-to-end tests
+test: install gen lint-protos
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: install gen
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+clean:
+	rm -rf gen $(VENV) node_modules
