@@ -1,0 +1,69 @@
+"""The one configuration mechanism: environment variables read by pydantic-settings.
+
+Every service reads the same names (documented in the README). Defaults are the
+embedded local setup of `make run`: kinesalite on 127.0.0.1:4567, SQLite under var/,
+aiosmtpd on 127.0.0.1:1025.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    """Settings every service reads."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    aws_endpoint_url_kinesis: str | None = None
+    aws_region: str = "us-east-1"
+    kinesis_stream_prefix: str = ""
+    kinesis_shard_count: int = Field(default=4, ge=1)
+    bind_host: str = "127.0.0.1"
+    log_level: str = "INFO"
+    # How long a shard lease lasts without a heartbeat before another worker may take it.
+    lease_seconds: float = Field(default=10.0, gt=0)
+    # A name for this worker in lease tables; defaults to host:pid.
+    worker_id: str | None = None
+    # How long SIGTERM waits for in-flight calls to finish.
+    shutdown_grace_seconds: float = 5.0
+
+    def stream_name(self, base: str) -> str:
+        return f"{self.kinesis_stream_prefix}{base}"
+
+
+class RegistrationSettings(CommonSettings):
+    registration_port: int = 50051
+    # Where the enrollment service answers catalogue and decision queries.
+    enrollment_target: str = "127.0.0.1:50052"
+    # Key that signs registration ids: set the same secret on every registration
+    # instance; changing it makes earlier ids NOT_FOUND.
+    registration_id_secret: str = "local-development-secret-change-me"
+    # How long Register waits to gather a PutRecords batch.
+    register_batch_millis: float = 2.0
+
+
+class EnrollmentSettings(CommonSettings):
+    enrollment_port: int = 50052
+    enrollment_database_url: str = "sqlite:///var/enrollment.db"
+    # Load the demo catalogue (two campuses, a few courses) when the catalogue is empty.
+    seed_demo_catalogue: bool = False
+
+
+class StatsSettings(CommonSettings):
+    stats_port: int = 50053
+    stats_database_url: str = "sqlite:///var/stats.db"
+
+
+class NotifierSettings(CommonSettings):
+    notifier_port: int = 50054
+    notifier_database_url: str = "sqlite:///var/notifier.db"
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 1025
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_starttls: bool = False
+    smtp_timeout_seconds: float = 10.0
+    smtp_max_connections: int = Field(default=4, ge=1)
+    mail_from: str = "Course Sign-up <no-reply@course-signup.local>"

@@ -1,0 +1,92 @@
+"""Domain errors that become clear gRPC statuses, with google.rpc rich details.
+
+Handlers raise these; the server bootstrap's interceptor turns them into
+INVALID_ARGUMENT (with BadRequest field violations), NOT_FOUND, ALREADY_EXISTS,
+FAILED_PRECONDITION or UNAVAILABLE. Anything else is logged and becomes INTERNAL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class ServiceError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def details(self) -> list[any_pb2.Any]:
+        return []
+
+    def to_status_proto(self) -> status_pb2.Status:
+        return status_pb2.Status(
+            code=getattr(code_pb2, self.code.name),
+            message=self.message,
+            details=self.details(),
+        )
+
+
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(f"invalid argument: {summary}")
+        self.violations = violations
+
+    @classmethod
+    def single(cls, field: str, description: str) -> "InvalidArgument":
+        return cls([FieldViolation(field, description)])
+
+    def details(self) -> list[any_pb2.Any]:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in self.violations
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(bad_request)
+        return [packed]
+
+
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(ServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Validator:
+    """Collects field violations so one response names every bad field."""
+
+    def __init__(self) -> None:
+        self.violations: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.violations.append(FieldViolation(field, description))
+
+    def check(self) -> None:
+        if self.violations:
+            raise InvalidArgument(self.violations)

@@ -1,0 +1,128 @@
+"""The one server bootstrap used by all four services.
+
+An asyncio gRPC server with: the error interceptor (domain errors become clear
+statuses with rich details, anything unexpected becomes INTERNAL and is logged),
+grpc.health.v1 (NOT_SERVING until the service's start-up finished), server
+reflection (so grpcurl works without proto files), and graceful shutdown on SIGTERM
+or SIGINT (in-flight calls get a grace period, then the service's own stop hook runs,
+e.g. consumers finish their batch and checkpoint).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from libs.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        method = details.method
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            try:
+                return await inner(request, context)
+            except ServiceError as error:
+                status = rpc_status.to_status(error.to_status_proto())
+                log.info("rpc rejected", extra={"method": method, "code": error.code.name,
+                                                "millis": round((time.perf_counter() - started) * 1000, 2)})
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception:
+                log.exception("rpc failed", extra={"method": method})
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+@dataclass
+class ServiceHooks:
+    """What a service plugs into the bootstrap."""
+
+    name: str
+    port: int
+    bind_host: str
+    # Adds the service's servicers to the server.
+    register: Callable[[grpc.aio.Server], None]
+    # Full proto service names served (for health and reflection).
+    service_names: Sequence[str]
+    # Runs after the port is open; health turns SERVING when it returns.
+    start: Callable[[], Awaitable[None]] | None = None
+    # Runs after the server stopped taking calls (flush, checkpoint, close).
+    stop: Callable[[], Awaitable[None]] | None = None
+    grace_seconds: float = 5.0
+
+
+async def serve(hooks: ServiceHooks, stop_event: asyncio.Event | None = None) -> None:
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor()],
+        options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", 1000)],
+    )
+    hooks.register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*hooks.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    address = f"{hooks.bind_host}:{hooks.port}"
+    server.add_insecure_port(address)
+    for service in ("", *hooks.service_names):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    log.info("listening", extra={"address": address})
+
+    stop_event = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_event.set)
+
+    async def start_up() -> None:
+        if hooks.start:
+            await hooks.start()
+        for service in ("", *hooks.service_names):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"address": address})
+
+    starting = asyncio.create_task(start_up())
+    stopping = asyncio.create_task(stop_event.wait())
+    done, _ = await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if starting in done and starting.exception():
+        log.error("start-up failed", exc_info=starting.exception())
+        stop_event.set()
+    await stop_event.wait()
+    starting.cancel()
+    log.info("stopping", extra={"grace_seconds": hooks.grace_seconds})
+    for service in ("", *hooks.service_names):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(hooks.grace_seconds)
+    if hooks.stop:
+        await hooks.stop()
+    log.info("stopped")
+
+
+def run(hooks: ServiceHooks) -> None:
+    asyncio.run(serve(hooks))

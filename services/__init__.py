@@ -1,0 +1,1 @@
+"""The four course-signup services: registration, enrollment, stats, notifier."""

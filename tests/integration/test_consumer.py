@@ -1,0 +1,81 @@
+"""The shared Kinesis consumer against real kinesalite and both databases."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from sqlalchemy import Column, Connection, MetaData, String, Table, func, insert, select
+
+from libs import consumer as consumer_lib
+from libs.config import CommonSettings
+from libs.db import make_engine
+from libs.envelope import decode_envelope, new_envelope
+from libs.kinesis import OutgoingRecord, ensure_stream, kinesis_client, put_records
+from coursesignup.events.v1 import events_pb2
+
+seen_metadata = MetaData()
+seen = Table("seen", seen_metadata, Column("message_id", String(64), primary_key=True),
+             Column("course_id", String(64), nullable=False))
+
+
+def _envelope_bytes(course_id: str) -> bytes:
+    command = events_pb2.RegisterStudent(registration_id=str(uuid.uuid4()), course_id=course_id)
+    return new_envelope(command.registration_id, register_student=command).SerializeToString()
+
+
+def _wait(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+def test_every_record_is_applied_once_and_poison_goes_to_dead_letters(kinesis_env, database_url):
+    settings = CommonSettings()
+    client = kinesis_client(settings.aws_region)
+    stream = settings.stream_name("consumer-test")
+    ensure_stream(client, stream, 3)
+    engine = make_engine(database_url)
+    seen_metadata.create_all(engine)
+
+    def handle(conn: Connection, records: list[consumer_lib.StreamRecord]) -> None:
+        for record, envelope in consumer_lib.decode_or_dead_letter(conn, records, decode_envelope):
+            conn.execute(insert(seen).values(message_id=envelope.message_id,
+                                             course_id=envelope.register_student.course_id))
+
+    records = [OutgoingRecord(f"c{i % 7}", _envelope_bytes(f"c{i % 7}")) for i in range(300)]
+    records.insert(150, OutgoingRecord("c1", b"\xff\xfenot a protobuf"))
+    assert all(put_records(client, stream, records))
+
+    worker = consumer_lib.StreamConsumer(engine=engine, kinesis=client, stream_name=stream, handler=handle,
+                                         lease_seconds=3, batch_size=50)
+    worker.start()
+    try:
+        def count() -> int:
+            with engine.connect() as conn:
+                return conn.execute(select(func.count()).select_from(seen)).scalar_one()
+        _wait(lambda: count() == 300)
+        with engine.connect() as conn:
+            letters = conn.execute(select(consumer_lib.dead_letters)).all()
+        assert len(letters) == 1
+        assert letters[0].data == b"\xff\xfenot a protobuf"
+        assert len(worker.held_shards()) == 3
+    finally:
+        worker.stop()
+    # The checkpoints committed with the effects: a new worker re-applies nothing.
+    redelivered: list[consumer_lib.StreamRecord] = []
+    second = consumer_lib.StreamConsumer(engine=engine, kinesis=client, stream_name=stream,
+                                         handler=lambda conn, batch: redelivered.extend(batch),
+                                         lease_seconds=3, batch_size=50)
+    second.start()
+    try:
+        _wait(lambda: len(second.held_shards()) == 3)
+        time.sleep(1.0)
+        assert redelivered == []
+        assert all(view.checkpoint for view in second.leases())
+    finally:
+        second.stop()
+    engine.dispose()
