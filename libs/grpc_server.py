@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
+from sqlalchemy.exc import OperationalError
 
 from libs.errors import ServiceError
 
@@ -47,6 +48,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(status.code, status.details, status.trailing_metadata)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
+            except OperationalError:
+                log.warning("database unavailable", extra={"method": method})
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable; retry later")
             except Exception:
                 log.exception("rpc failed", extra={"method": method})
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")

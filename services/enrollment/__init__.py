@@ -1,0 +1,1 @@
+"""Enrollment: owns the catalogue and every decision; the single writer of each course's seats."""

@@ -1,0 +1,3 @@
+from services.enrollment.bootstrap import main
+
+main()

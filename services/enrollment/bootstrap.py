@@ -1,0 +1,108 @@
+"""Wires the enrollment service: database, Kinesis streams, consumer, outbox relay, gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from coursesignup.enrollment.v1 import enrollment_pb2_grpc
+
+from libs import consumer as consumer_lib
+from libs import outbox as outbox_lib
+from libs.config import EnrollmentSettings
+from libs.db import make_engine
+from libs.grpc_server import ServiceHooks, run
+from libs.kinesis import (
+    ENROLLMENT_EVENTS_STREAM,
+    NOTIFICATIONS_STREAM,
+    REGISTRATIONS_STREAM,
+    ensure_stream,
+    kinesis_client,
+    wait_for_kinesis,
+)
+from libs.logs import configure_logging
+from services.enrollment.adapters.tables import metadata
+from services.enrollment.entrypoints.grpc_api import SERVICE_NAME, EnrollmentServicer
+from services.enrollment.service_layer.catalogue import seed_demo_catalogue
+from services.enrollment.service_layer.deciding import Streams, decide_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EnrollmentApp:
+    settings: EnrollmentSettings
+    engine: Any = None
+    consumer: consumer_lib.StreamConsumer | None = None
+    relay: outbox_lib.OutboxRelay | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def start(self) -> None:
+        settings = self.settings
+        metadata.create_all(self.engine)
+        consumer_lib.metadata.create_all(self.engine)
+        outbox_lib.metadata.create_all(self.engine)
+        if settings.seed_demo_catalogue and seed_demo_catalogue(self.engine):
+            log.info("demo catalogue loaded")
+        client = kinesis_client(settings.aws_region)
+        wait_for_kinesis(client)
+        for base in (REGISTRATIONS_STREAM, ENROLLMENT_EVENTS_STREAM, NOTIFICATIONS_STREAM):
+            ensure_stream(client, settings.stream_name(base), settings.kinesis_shard_count)
+        self.relay = outbox_lib.OutboxRelay(self.engine, client)
+        self.relay.start()
+        streams = Streams(
+            events=settings.stream_name(ENROLLMENT_EVENTS_STREAM),
+            notifications=settings.stream_name(NOTIFICATIONS_STREAM),
+        )
+        self.consumer = consumer_lib.StreamConsumer(
+            engine=self.engine,
+            kinesis=client,
+            stream_name=settings.stream_name(REGISTRATIONS_STREAM),
+            handler=functools.partial(decide_batch, streams=streams),
+            worker_id=settings.worker_id,
+            lease_seconds=settings.lease_seconds,
+            on_commit=self.relay.wake,
+        )
+        self.consumer.start()
+        self.consumer.ready.wait(60)
+
+    def stop(self) -> None:
+        if self.consumer:
+            self.consumer.stop()
+        if self.relay:
+            self.relay.stop()
+
+
+def build_hooks(settings: EnrollmentSettings) -> ServiceHooks:
+    app = EnrollmentApp(settings, engine=make_engine(settings.enrollment_database_url))
+
+    def register(server: grpc.aio.Server) -> None:
+        enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(EnrollmentServicer(app.engine), server)
+
+    async def start() -> None:
+        await asyncio.to_thread(app.start)
+
+    async def stop() -> None:
+        await asyncio.to_thread(app.stop)
+        app.engine.dispose()
+
+    return ServiceHooks(
+        name="enrollment",
+        port=settings.enrollment_port,
+        bind_host=settings.bind_host,
+        register=register,
+        service_names=[SERVICE_NAME],
+        start=start,
+        stop=stop,
+        grace_seconds=settings.shutdown_grace_seconds,
+    )
+
+
+def main() -> None:
+    settings = EnrollmentSettings()
+    configure_logging("enrollment", settings.log_level)
+    run(build_hooks(settings))

@@ -1,0 +1,102 @@
+"""The EnrollmentService gRPC servicer: translates messages to catalogue use cases."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from typing import Any
+
+import grpc
+from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
+from google.protobuf import timestamp_pb2
+from sqlalchemy import Engine
+
+from services.enrollment.domain.model import Outcome
+from services.enrollment.service_layer import catalogue
+
+SERVICE_NAME = enrollment_pb2.DESCRIPTOR.services_by_name["EnrollmentService"].full_name
+
+_OUTCOMES = {
+    Outcome.ENROLLED.value: enrollment_pb2.DECISION_OUTCOME_ENROLLED,
+    Outcome.DECLINED_FULL.value: enrollment_pb2.DECISION_OUTCOME_DECLINED_FULL,
+    Outcome.DECLINED_DUPLICATE.value: enrollment_pb2.DECISION_OUTCOME_DECLINED_DUPLICATE,
+    Outcome.DECLINED_UNKNOWN_COURSE.value: enrollment_pb2.DECISION_OUTCOME_DECLINED_UNKNOWN_COURSE,
+}
+
+
+def _timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
+    if value.tzinfo is None:  # SQLite returns naive datetimes; they are stored in UTC
+        value = value.replace(tzinfo=dt.timezone.utc)
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def campus_message(row: Any) -> enrollment_pb2.Campus:
+    return enrollment_pb2.Campus(campus_id=row.campus_id, name=row.name, create_time=_timestamp(row.create_time))
+
+
+def course_message(row: Any) -> enrollment_pb2.Course:
+    return enrollment_pb2.Course(
+        course_id=row.course_id,
+        campus_id=row.campus_id,
+        name=row.name,
+        capacity=row.capacity,
+        enrolled_count=row.enrolled_count,
+        create_time=_timestamp(row.create_time),
+        update_time=_timestamp(row.update_time),
+    )
+
+
+class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def CreateCampus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        row = await asyncio.to_thread(catalogue.create_campus, self.engine, request.campus.campus_id,
+                                      request.campus.name)
+        return campus_message(row)
+
+    async def GetCampus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return campus_message(await asyncio.to_thread(catalogue.get_campus, self.engine, request.campus_id))
+
+    async def ListCampuses(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        page = await asyncio.to_thread(catalogue.list_campuses, self.engine, request.page_size, request.page_token)
+        return enrollment_pb2.ListCampusesResponse(
+            campuses=[campus_message(r) for r in page.rows], next_page_token=page.next_page_token
+        )
+
+    async def CreateCourse(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        course = request.course
+        row = await asyncio.to_thread(
+            catalogue.create_course, self.engine, course.course_id, course.campus_id, course.name, course.capacity
+        )
+        return course_message(row)
+
+    async def GetCourse(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return course_message(await asyncio.to_thread(catalogue.get_course, self.engine, request.course_id))
+
+    async def ListCourses(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        page = await asyncio.to_thread(
+            catalogue.list_courses, self.engine, request.campus_id, request.page_size, request.page_token
+        )
+        return enrollment_pb2.ListCoursesResponse(
+            courses=[course_message(r) for r in page.rows], next_page_token=page.next_page_token
+        )
+
+    async def UpdateCourse(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        course = request.course
+        row = await asyncio.to_thread(
+            catalogue.update_course, self.engine, course.course_id, course.name, course.capacity,
+            list(request.update_mask),
+        )
+        return course_message(row)
+
+    async def GetDecision(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        row = await asyncio.to_thread(catalogue.get_decision, self.engine, request.registration_id)
+        return enrollment_pb2.Decision(
+            registration_id=row.registration_id,
+            course_id=row.course_id,
+            outcome=_OUTCOMES[row.outcome],
+            decide_time=_timestamp(row.decide_time),
+        )

@@ -1,0 +1,210 @@
+"""Catalogue use cases: campuses and courses, and decision look-ups.
+
+Each function runs in its own short transaction (a unit of work per request). Errors
+are domain errors from libs.errors, turned into gRPC statuses by the server bootstrap.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from libs.errors import AlreadyExists, FailedPrecondition, NotFound, Validator
+from libs.pagination import decode_token, encode_token, page_size
+from services.enrollment.adapters.tables import campuses, courses, decisions
+from services.enrollment.domain.model import ID_PATTERN, MAX_CAPACITY
+
+
+@dataclass(frozen=True)
+class Page:
+    rows: list[Any]
+    next_page_token: str
+
+
+def _check_id(validator: Validator, field: str, value: str) -> None:
+    if not value:
+        validator.add(field, "is required")
+    elif not ID_PATTERN.match(value):
+        validator.add(field, "must be 1-63 lowercase letters, digits or '-', starting with a letter")
+
+
+def _check_name(validator: Validator, field: str, value: str) -> None:
+    if not value.strip():
+        validator.add(field, "is required")
+    elif len(value) > 200:
+        validator.add(field, "must be at most 200 characters")
+    elif any(ord(ch) < 32 for ch in value):
+        validator.add(field, "must not contain control characters")
+
+
+def _check_capacity(validator: Validator, field: str, value: int) -> None:
+    if value < 0 or value > MAX_CAPACITY:
+        validator.add(field, f"must be between 0 and {MAX_CAPACITY}")
+
+
+def create_campus(engine: Engine, campus_id: str, name: str) -> Any:
+    validator = Validator()
+    _check_id(validator, "campus.campus_id", campus_id)
+    _check_name(validator, "campus.name", name)
+    validator.check()
+    row = {"campus_id": campus_id, "name": name.strip(), "create_time": dt.datetime.now(dt.timezone.utc)}
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(campuses).values(**row))
+    except IntegrityError as error:
+        raise AlreadyExists(f"campus {campus_id!r} already exists") from error
+    return get_campus(engine, campus_id)
+
+
+def get_campus(engine: Engine, campus_id: str) -> Any:
+    validator = Validator()
+    _check_id(validator, "campus_id", campus_id)
+    validator.check()
+    with engine.connect() as conn:
+        row = conn.execute(select(campuses).where(campuses.c.campus_id == campus_id)).first()
+    if row is None:
+        raise NotFound(f"campus {campus_id!r} not found")
+    return row
+
+
+def list_campuses(engine: Engine, requested_size: int, token: str) -> Page:
+    size = page_size(requested_size)
+    after = decode_token(token, {"method": "ListCampuses"})
+    query = select(campuses).order_by(campuses.c.campus_id).limit(size + 1)
+    if after is not None:
+        query = query.where(campuses.c.campus_id > after)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    next_token = encode_token(rows[size - 1].campus_id, {"method": "ListCampuses"}) if len(rows) > size else ""
+    return Page(rows[:size], next_token)
+
+
+def create_course(engine: Engine, course_id: str, campus_id: str, name: str, capacity: int) -> Any:
+    validator = Validator()
+    _check_id(validator, "course.course_id", course_id)
+    _check_id(validator, "course.campus_id", campus_id)
+    _check_name(validator, "course.name", name)
+    _check_capacity(validator, "course.capacity", capacity)
+    validator.check()
+    now = dt.datetime.now(dt.timezone.utc)
+    with engine.begin() as conn:
+        if conn.execute(select(campuses.c.campus_id).where(campuses.c.campus_id == campus_id)).first() is None:
+            raise NotFound(f"campus {campus_id!r} not found")
+        if conn.execute(select(courses.c.course_id).where(courses.c.course_id == course_id)).first() is not None:
+            raise AlreadyExists(f"course {course_id!r} already exists")
+        conn.execute(
+            insert(courses).values(
+                course_id=course_id, campus_id=campus_id, name=name.strip(), capacity=capacity,
+                enrolled_count=0, create_time=now, update_time=now,
+            )
+        )
+    return get_course(engine, course_id)
+
+
+def get_course(engine: Engine, course_id: str) -> Any:
+    validator = Validator()
+    _check_id(validator, "course_id", course_id)
+    validator.check()
+    with engine.connect() as conn:
+        row = conn.execute(select(courses).where(courses.c.course_id == course_id)).first()
+    if row is None:
+        raise NotFound(f"course {course_id!r} not found")
+    return row
+
+
+def list_courses(engine: Engine, campus_id: str, requested_size: int, token: str) -> Page:
+    if campus_id:
+        validator = Validator()
+        _check_id(validator, "campus_id", campus_id)
+        validator.check()
+    size = page_size(requested_size)
+    query_key = {"method": "ListCourses", "campus_id": campus_id}
+    after = decode_token(token, query_key)
+    query = select(courses).order_by(courses.c.course_id).limit(size + 1)
+    if campus_id:
+        query = query.where(courses.c.campus_id == campus_id)
+    if after is not None:
+        query = query.where(courses.c.course_id > after)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    next_token = encode_token(rows[size - 1].course_id, query_key) if len(rows) > size else ""
+    return Page(rows[:size], next_token)
+
+
+def update_course(engine: Engine, course_id: str, name: str, capacity: int, mask: list[str]) -> Any:
+    fields = set(mask) or {"name", "capacity"}
+    validator = Validator()
+    _check_id(validator, "course.course_id", course_id)
+    unknown = fields - {"name", "capacity"}
+    if unknown:
+        validator.add("update_mask", f"unknown or immutable fields: {', '.join(sorted(unknown))}")
+    if "name" in fields:
+        _check_name(validator, "course.name", name)
+    if "capacity" in fields:
+        _check_capacity(validator, "course.capacity", capacity)
+    validator.check()
+    values: dict[str, Any] = {"update_time": dt.datetime.now(dt.timezone.utc)}
+    if "name" in fields:
+        values["name"] = name.strip()
+    condition = [courses.c.course_id == course_id]
+    if "capacity" in fields:
+        values["capacity"] = capacity
+        # Conditional on the seats taken at the moment of the write: never below enrolled.
+        condition.append(courses.c.enrolled_count <= capacity)
+    with engine.begin() as conn:
+        changed = conn.execute(update(courses).where(*condition).values(**values)).rowcount
+        if changed != 1:
+            row = conn.execute(select(courses.c.enrolled_count).where(courses.c.course_id == course_id)).first()
+            if row is None:
+                raise NotFound(f"course {course_id!r} not found")
+            raise FailedPrecondition(
+                f"course {course_id!r} has {row.enrolled_count} students enrolled; capacity cannot go below that"
+            )
+    return get_course(engine, course_id)
+
+
+def get_decision(engine: Engine, registration_id: str) -> Any:
+    validator = Validator()
+    if not registration_id:
+        validator.add("registration_id", "is required")
+    elif len(registration_id) > 64:
+        validator.add("registration_id", "is too long")
+    validator.check()
+    with engine.connect() as conn:
+        row = conn.execute(select(decisions).where(decisions.c.registration_id == registration_id)).first()
+    if row is None:
+        raise NotFound(f"no decision recorded for registration {registration_id!r}")
+    return row
+
+
+def catalogue_is_empty(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(campuses)).scalar_one() == 0
+
+
+DEMO_CAMPUSES = [("sp", "São Paulo"), ("rj", "Rio de Janeiro")]
+DEMO_COURSES = [
+    ("cs101", "sp", "Introduction to Computer Science", 30),
+    ("math201", "sp", "Linear Algebra", 50),
+    ("art110", "sp", "Drawing Studio", 3),
+    ("bio150", "rj", "Cell Biology", 25),
+    ("hist120", "rj", "History of Brazil", 40),
+]
+
+
+def seed_demo_catalogue(engine: Engine) -> bool:
+    """Loads the demo catalogue into an empty catalogue; returns whether it did."""
+    if not catalogue_is_empty(engine):
+        return False
+    try:
+        for campus_id, name in DEMO_CAMPUSES:
+            create_campus(engine, campus_id, name)
+        for course_id, campus_id, name, capacity in DEMO_COURSES:
+            create_course(engine, course_id, campus_id, name, capacity)
+    except AlreadyExists:
+        return False  # another worker seeded it at the same time
+    return True

@@ -1,0 +1,1 @@
+"""How the world reaches the notifier: the gRPC API and the notifications stream."""

@@ -1,0 +1,1 @@
+"""Use cases of the notifier: recording commands and delivering pending emails."""

@@ -1,0 +1,1 @@
+"""Registration: validates sign-ups and queues them on Kinesis; stateless, scales out freely."""

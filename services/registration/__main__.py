@@ -1,0 +1,3 @@
+from services.registration.bootstrap import main
+
+main()

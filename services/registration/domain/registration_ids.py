@@ -1,0 +1,55 @@
+"""Registration ids that prove they were issued, without any database write.
+
+An id is `reg_` + base32(16-byte nonce + 10-byte HMAC tag of the nonce). A status
+look-up can then tell an id this service issued (PENDING until decided) from one it
+never issued (NOT_FOUND) and from garbage (INVALID_ARGUMENT). With a client
+request_id the nonce is derived from it, so a retried Register maps to the same id and
+the duplicate command is absorbed downstream.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import hmac
+import secrets
+
+PREFIX = "reg_"
+_NONCE = 16
+_TAG = 10
+ENCODED_LENGTH = len(PREFIX) + len(base64.b32encode(b"\0" * (_NONCE + _TAG)).rstrip(b"="))
+
+
+class IdCheck(enum.Enum):
+    ISSUED = "issued"
+    NOT_ISSUED = "not_issued"
+    MALFORMED = "malformed"
+
+
+class RegistrationIds:
+    def __init__(self, secret: str) -> None:
+        self._key = hashlib.sha256(secret.encode()).digest()
+
+    def _tag(self, nonce: bytes) -> bytes:
+        return hmac.new(self._key, b"registration-id:" + nonce, hashlib.sha256).digest()[:_TAG]
+
+    def issue(self, request_id: str = "") -> str:
+        if request_id:
+            nonce = hmac.new(self._key, b"request-id:" + request_id.encode(), hashlib.sha256).digest()[:_NONCE]
+        else:
+            nonce = secrets.token_bytes(_NONCE)
+        raw = base64.b32encode(nonce + self._tag(nonce)).decode().rstrip("=").lower()
+        return PREFIX + raw
+
+    def check(self, registration_id: str) -> IdCheck:
+        if len(registration_id) != ENCODED_LENGTH or not registration_id.startswith(PREFIX):
+            return IdCheck.MALFORMED
+        body = registration_id[len(PREFIX):].upper()
+        try:
+            raw = base64.b32decode(body + "=" * (-len(body) % 8))
+        except (binascii.Error, ValueError):
+            return IdCheck.MALFORMED
+        nonce, tag = raw[:_NONCE], raw[_NONCE:]
+        return IdCheck.ISSUED if hmac.compare_digest(tag, self._tag(nonce)) else IdCheck.NOT_ISSUED

@@ -1,0 +1,139 @@
+"""The RegistrationService gRPC servicer: validate, queue on Kinesis, answer PENDING."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+import grpc
+from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
+from coursesignup.events.v1 import events_pb2
+from coursesignup.registration.v1 import registration_pb2, registration_pb2_grpc
+from google.protobuf import timestamp_pb2
+from google.type import date_pb2
+
+from libs.envelope import new_envelope
+from libs.errors import InvalidArgument, NotFound, Unavailable
+from libs.kinesis import KinesisUnavailable, RecordBatcher
+from libs.logs import pseudonym
+from services.registration.adapters.catalogue import Catalogue
+from services.registration.domain.registration_ids import IdCheck, RegistrationIds
+from services.registration.domain.validation import validate_sign_up
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = registration_pb2.DESCRIPTOR.services_by_name["RegistrationService"].full_name
+
+_STATUS = {
+    enrollment_pb2.DECISION_OUTCOME_ENROLLED: registration_pb2.REGISTRATION_STATUS_ENROLLED,
+    enrollment_pb2.DECISION_OUTCOME_DECLINED_FULL: registration_pb2.REGISTRATION_STATUS_DECLINED_FULL,
+    enrollment_pb2.DECISION_OUTCOME_DECLINED_DUPLICATE: registration_pb2.REGISTRATION_STATUS_DECLINED_DUPLICATE,
+    enrollment_pb2.DECISION_OUTCOME_DECLINED_UNKNOWN_COURSE:
+        registration_pb2.REGISTRATION_STATUS_DECLINED_UNKNOWN_COURSE,
+}
+
+
+class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
+    def __init__(
+        self,
+        ids: RegistrationIds,
+        catalogue: Catalogue,
+        enrollment: enrollment_pb2_grpc.EnrollmentServiceStub,
+        commands: RecordBatcher,
+        notifications: RecordBatcher,
+    ) -> None:
+        self.ids = ids
+        self.catalogue = catalogue
+        self.enrollment = enrollment
+        self.commands = commands
+        self.notifications = notifications
+        self.ready = False
+
+    async def Register(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if not self.ready:
+            raise Unavailable("starting up; retry shortly")
+        today = dt.datetime.now(dt.timezone.utc).date()
+        sign_up = validate_sign_up(
+            request.name,
+            request.birth_date.year,
+            request.birth_date.month,
+            request.birth_date.day,
+            request.course_id,
+            request.email,
+            request.request_id,
+            request.locale,
+            today,
+        )
+        course = await self.catalogue.course(sign_up.course_id)
+        registration_id = self.ids.issue(sign_up.request_id)
+        accepted = timestamp_pb2.Timestamp()
+        accepted.GetCurrentTime()
+        birth = date_pb2.Date(year=sign_up.birth_date.year, month=sign_up.birth_date.month,
+                              day=sign_up.birth_date.day)
+        command = new_envelope(
+            registration_id,
+            register_student=events_pb2.RegisterStudent(
+                registration_id=registration_id,
+                course_id=sign_up.course_id,
+                name=sign_up.name,
+                email=sign_up.email,
+                birth_date=birth,
+                locale=sign_up.locale,
+                accept_time=accepted,
+            ),
+        )
+        received = new_envelope(
+            registration_id,
+            send_notification=events_pb2.SendNotification(
+                registration_id=registration_id,
+                kind=events_pb2.NOTIFICATION_KIND_RECEIVED,
+                email=sign_up.email,
+                name=sign_up.name,
+                course_id=sign_up.course_id,
+                course_name=course.name,
+                locale=sign_up.locale,
+            ),
+        )
+        try:
+            await self.commands.put(command.SerializeToString(), sign_up.course_id)
+        except (KinesisUnavailable, TimeoutError) as error:
+            raise Unavailable("the registration queue is unavailable; retry with the same request_id") from error
+        try:
+            await self.notifications.put(received.SerializeToString(), registration_id)
+        except (KinesisUnavailable, TimeoutError):
+            # The sign-up itself is queued; only the courtesy email is lost, and logged.
+            log.error("request-received notification not queued",
+                      extra={"registration_id": registration_id, "student": pseudonym(sign_up.email)})
+        log.debug("registration queued", extra={"registration_id": registration_id, "course_id": sign_up.course_id})
+        return registration_pb2.RegisterResponse(
+            registration_id=registration_id, status=registration_pb2.REGISTRATION_STATUS_PENDING
+        )
+
+    async def GetRegistration(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        registration_id = request.registration_id.strip()
+        if not registration_id:
+            raise InvalidArgument.single("registration_id", "is required")
+        check = self.ids.check(registration_id)
+        if check is IdCheck.MALFORMED:
+            raise InvalidArgument.single("registration_id", "is not a registration id returned by Register")
+        if check is IdCheck.NOT_ISSUED:
+            raise NotFound(f"registration {registration_id!r} not found")
+        pending = registration_pb2.Registration(
+            registration_id=registration_id, status=registration_pb2.REGISTRATION_STATUS_PENDING
+        )
+        try:
+            decision = await self.enrollment.GetDecision(
+                enrollment_pb2.GetDecisionRequest(registration_id=registration_id), timeout=2
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                # Accepted ids stay PENDING while the enrollment service or its database is down.
+                log.warning("decision look-up failed; answering PENDING", extra={"code": error.code().name})
+            return pending
+        return registration_pb2.Registration(
+            registration_id=registration_id,
+            course_id=decision.course_id,
+            status=_STATUS.get(decision.outcome, registration_pb2.REGISTRATION_STATUS_PENDING),
+            decide_time=decision.decide_time,
+        )

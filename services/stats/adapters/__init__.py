@@ -1,0 +1,1 @@
+"""The stats service's storage: SQLAlchemy Core tables of the read model."""

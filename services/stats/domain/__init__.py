@@ -1,0 +1,1 @@
+"""Pure rules of the stats read model: age arithmetic, scopes and the events it reads."""

@@ -1,0 +1,1 @@
+"""How the outside reaches the stats service: the gRPC servicer."""
