@@ -10,6 +10,10 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from libs.grpc_server import ServiceHooks
 
 import sqlalchemy
 
@@ -81,3 +85,48 @@ def postgres_schema() -> Iterator[str]:
         with admin.begin() as conn:
             conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
         admin.dispose()
+
+
+@contextlib.contextmanager
+def serve_in_thread(hooks: "ServiceHooks", timeout: float = 60.0) -> Iterator[None]:
+    """Runs a service's gRPC server in a background event loop until the block ends."""
+    import asyncio
+    import threading
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from libs.grpc_server import serve
+
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(serve(hooks, stop))
+        except BaseException as error:  # noqa: BLE001 - reported to the test
+            failure.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{hooks.port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if failure or not thread.is_alive():
+                raise RuntimeError(f"{hooks.name} failed to start: {failure}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{hooks.name} not SERVING after {timeout}s")
+            time.sleep(0.1)
+    try:
+        yield
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)

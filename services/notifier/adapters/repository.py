@@ -1,0 +1,248 @@
+"""The notifications table: the log of emails, and the queue the sender works from.
+
+One row per (registration_id, kind), enforced by a unique constraint; recording a
+command twice inserts nothing (INSERT ... ON CONFLICT DO NOTHING). The sender claims
+due PENDING rows by incrementing `attempts` and pushing `next_attempt_at` past a claim
+lease, in one transaction (FOR UPDATE SKIP LOCKED on PostgreSQL; SQLite serializes
+writers with BEGIN IMMEDIATE), so two senders never hold the same row. Outcomes are
+written only if `attempts` still equals the claimed attempt: a sender whose claim
+expired and was re-claimed by another cannot overwrite the newer attempt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    bindparam,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from services.notifier.domain.model import (
+    ClaimedNotification,
+    Delivered,
+    DeliveryStatus,
+    GaveUp,
+    Notification,
+    NotificationKind,
+    NotificationView,
+    Outcome,
+    RetryLater,
+)
+
+metadata = MetaData()
+
+notifications = Table(
+    "notifications",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("registration_id", String(256), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("recipient", String(320), nullable=False),
+    Column("locale", String(16), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("course_id", String(128), nullable=False),
+    Column("course_name", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text, nullable=True),
+    Column("create_time", DateTime(timezone=True), nullable=False),
+    Column("send_time", DateTime(timezone=True), nullable=True),
+    # Epoch seconds; NULL once SENT or FAILED. While claimed: the claim's expiry.
+    Column("next_attempt_at", Float, nullable=True),
+    UniqueConstraint("registration_id", "kind", name="uq_notifications_registration_kind"),
+)
+
+# Only pending rows are ever scanned for work, so the index holds only them.
+Index(
+    "ix_notifications_due",
+    notifications.c.next_attempt_at,
+    postgresql_where=notifications.c.status == DeliveryStatus.PENDING.value,
+    sqlite_where=notifications.c.status == DeliveryStatus.PENDING.value,
+)
+
+_MAX_ERROR_CHARS = 2000
+_ROWS_PER_INSERT = 500
+
+
+def create_tables(engine: Engine) -> None:
+    metadata.create_all(engine)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything stored is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def add_notifications(conn: Connection, batch: Sequence[Notification], now: datetime) -> int:
+    """Records new notifications as PENDING, due now; ones already recorded are left alone.
+
+    Runs in the caller's transaction (the consumer's checkpoint transaction).
+    Returns how many rows were new.
+    """
+    unique: dict[tuple[str, NotificationKind], Notification] = {}
+    for notification in batch:
+        unique.setdefault((notification.registration_id, notification.kind), notification)
+    if not unique:
+        return 0
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        statement = postgresql.insert(notifications)
+    elif dialect == "sqlite":
+        statement = sqlite.insert(notifications)
+    else:
+        raise NotImplementedError(f"notifier supports PostgreSQL and SQLite, not {dialect}")
+    statement = statement.on_conflict_do_nothing(index_elements=["registration_id", "kind"])
+    now = now.astimezone(timezone.utc)
+    rows = [
+        {
+            "registration_id": n.registration_id,
+            "kind": n.kind.value,
+            "recipient": n.recipient,
+            "locale": n.locale,
+            "name": n.name,
+            "course_id": n.course_id,
+            "course_name": n.course_name,
+            "status": DeliveryStatus.PENDING.value,
+            "attempts": 0,
+            "last_error": None,
+            "create_time": now,
+            "send_time": None,
+            "next_attempt_at": now.timestamp(),
+        }
+        for n in unique.values()
+    ]
+    inserted = 0
+    # Multi-row VALUES: one statement per chunk (SQLite caps bound parameters per statement).
+    for start in range(0, len(rows), _ROWS_PER_INSERT):
+        inserted += conn.execute(statement.values(rows[start:start + _ROWS_PER_INSERT])).rowcount
+    return inserted
+
+
+def _notification(row: object) -> Notification:
+    return Notification(
+        registration_id=row.registration_id,  # type: ignore[attr-defined]
+        kind=NotificationKind(row.kind),  # type: ignore[attr-defined]
+        recipient=row.recipient,  # type: ignore[attr-defined]
+        locale=row.locale,  # type: ignore[attr-defined]
+        name=row.name,  # type: ignore[attr-defined]
+        course_id=row.course_id,  # type: ignore[attr-defined]
+        course_name=row.course_name,  # type: ignore[attr-defined]
+    )
+
+
+class NotificationStore:
+    """Blocking database access for the sender and the gRPC API (call via asyncio.to_thread)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def claim_due(self, *, now: float, limit: int, lease_seconds: float) -> list[ClaimedNotification]:
+        """Takes up to `limit` due PENDING rows for one attempt each, oldest due first."""
+        t = notifications
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(t)
+                .where(t.c.status == DeliveryStatus.PENDING.value, t.c.next_attempt_at <= now)
+                .order_by(t.c.next_attempt_at, t.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not rows:
+                return []
+            conn.execute(
+                update(t)
+                .where(t.c.id.in_([row.id for row in rows]))
+                .values(attempts=t.c.attempts + 1, next_attempt_at=now + lease_seconds)
+            )
+        return [ClaimedNotification(row.id, row.attempts + 1, _notification(row)) for row in rows]
+
+    def record_outcomes(self, outcomes: Sequence[Outcome]) -> None:
+        """Writes attempt outcomes in one transaction; stale claims change nothing."""
+        t = notifications
+        still_mine = (
+            t.c.id == bindparam("b_id"),
+            t.c.attempts == bindparam("b_attempt"),
+            t.c.status == DeliveryStatus.PENDING.value,
+        )
+        sent = [{"b_id": o.claim_id, "b_attempt": o.attempt, "b_send_time": o.send_time.astimezone(timezone.utc)}
+                for o in outcomes if isinstance(o, Delivered)]
+        retried = [{"b_id": o.claim_id, "b_attempt": o.attempt, "b_error": o.error[:_MAX_ERROR_CHARS],
+                    "b_due": o.next_attempt_at}
+                   for o in outcomes if isinstance(o, RetryLater)]
+        failed = [{"b_id": o.claim_id, "b_attempt": o.attempt, "b_error": o.error[:_MAX_ERROR_CHARS]}
+                  for o in outcomes if isinstance(o, GaveUp)]
+        with self.engine.begin() as conn:
+            if sent:
+                conn.execute(
+                    update(t).where(*still_mine).values(
+                        status=DeliveryStatus.SENT.value, send_time=bindparam("b_send_time"), next_attempt_at=None
+                    ),
+                    sent,
+                )
+            if retried:
+                conn.execute(
+                    update(t).where(*still_mine).values(
+                        last_error=bindparam("b_error"), next_attempt_at=bindparam("b_due")
+                    ),
+                    retried,
+                )
+            if failed:
+                conn.execute(
+                    update(t).where(*still_mine).values(
+                        status=DeliveryStatus.FAILED.value, last_error=bindparam("b_error"), next_attempt_at=None
+                    ),
+                    failed,
+                )
+
+    def release(self, claims: Sequence[ClaimedNotification], now: float) -> None:
+        """Makes interrupted claims due again at once (shutdown), instead of after the lease."""
+        if not claims:
+            return
+        t = notifications
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(t)
+                .where(t.c.id == bindparam("b_id"), t.c.attempts == bindparam("b_attempt"),
+                       t.c.status == DeliveryStatus.PENDING.value)
+                .values(next_attempt_at=now),
+                [{"b_id": c.id, "b_attempt": c.attempt} for c in claims],
+            )
+
+    def list_for_registration(self, registration_id: str) -> list[NotificationView]:
+        t = notifications
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(t).where(t.c.registration_id == registration_id).order_by(t.c.create_time, t.c.id)
+            ).all()
+        return [
+            NotificationView(
+                registration_id=row.registration_id,
+                kind=NotificationKind(row.kind),
+                recipient=row.recipient,
+                status=DeliveryStatus(row.status),
+                attempts=row.attempts,
+                last_error=row.last_error,
+                create_time=_utc(row.create_time),  # type: ignore[arg-type]
+                send_time=_utc(row.send_time),
+            )
+            for row in rows
+        ]

@@ -1,0 +1,188 @@
+"""Sends messages over a small pool of reused SMTP connections (aiosmtplib).
+
+At most `max_connections` connections exist; each carries one message at a time and
+is kept open for the next one (a new connection per email costs about half the
+throughput). STARTTLS and AUTH happen on connect when configured. Each send has one
+deadline covering connect and transfer. A connection that failed or timed out is
+closed rather than reused; a reused connection the server had meanwhile dropped is
+replaced once, transparently. aiosmtplib errors become the domain's transient or
+permanent delivery errors: 4xx and connection trouble are transient, 5xx permanent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import socket
+from dataclasses import dataclass
+from email.message import EmailMessage
+
+import aiosmtplib
+
+from services.notifier.domain.model import PermanentDeliveryError, TransientDeliveryError
+
+log = logging.getLogger(__name__)
+
+
+def _reply_error(code: int, message: str) -> TransientDeliveryError | PermanentDeliveryError:
+    reason = f"{code} {message}".strip()
+    if 500 <= code < 600:
+        return PermanentDeliveryError(reason)
+    return TransientDeliveryError(reason)
+
+
+@dataclass
+class _Checkout:
+    """The connection one send is using, and whether it may serve the next send."""
+
+    connection: aiosmtplib.SMTP | None
+    reusable: bool = False
+
+
+class SmtpMailer:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        mail_from: str,
+        username: str | None = None,
+        password: str | None = None,
+        starttls: bool = False,
+        timeout_seconds: float = 10.0,
+        max_connections: int = 4,
+        local_hostname: str | None = None,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._username = username or None
+        self._password = password if username else None
+        self._starttls = starttls
+        self._timeout = timeout_seconds
+        self.max_connections = max_connections
+        self.envelope_sender = email.utils.parseaddr(mail_from)[1] or mail_from
+        # socket.getfqdn() may wait on DNS; aiosmtplib would call it on every connect.
+        self._local_hostname = local_hostname or socket.gethostname() or "localhost"
+        self._slots = asyncio.Semaphore(max_connections)
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._closed = False
+
+    async def send(self, message: EmailMessage, recipient: str) -> None:
+        """Delivers `message` to exactly `recipient` (the envelope never reads the headers)."""
+        async with self._slots:
+            if self._closed:
+                raise TransientDeliveryError("mailer is shutting down")
+            checkout = _Checkout(self._idle.pop() if self._idle else None)
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._send_on(checkout, message, recipient)
+            except TimeoutError as error:
+                self._discard(checkout.connection)
+                raise TransientDeliveryError(f"SMTP timed out after {self._timeout}s") from error
+            except BaseException:
+                if checkout.reusable:
+                    await self._give_back(checkout.connection)
+                else:
+                    self._discard(checkout.connection)
+                raise
+            await self._give_back(checkout.connection)
+
+    async def _send_on(self, checkout: _Checkout, message: EmailMessage, recipient: str) -> None:
+        reused = checkout.connection is not None and checkout.connection.is_connected
+        if not reused:
+            self._discard(checkout.connection)
+            checkout.connection = await self._connect()
+        try:
+            await self._transfer(checkout, message, recipient)
+        except aiosmtplib.SMTPServerDisconnected:
+            if not reused:
+                raise TransientDeliveryError("SMTP server closed the connection") from None
+            # The server dropped the idle connection (idle timeout): use a fresh one, once.
+            self._discard(checkout.connection)
+            checkout.connection = None
+            checkout.connection = await self._connect()
+            try:
+                await self._transfer(checkout, message, recipient)
+            except aiosmtplib.SMTPServerDisconnected:
+                raise TransientDeliveryError("SMTP server closed the connection") from None
+
+    async def _open_connection(self) -> aiosmtplib.SMTP:
+        connection = aiosmtplib.SMTP(
+            hostname=self._host,
+            port=self._port,
+            username=self._username,
+            password=self._password,
+            start_tls=self._starttls,
+            timeout=self._timeout,
+            local_hostname=self._local_hostname,
+        )
+        try:
+            await connection.connect()
+        except BaseException:
+            # A failed STARTTLS or AUTH leaves the socket open.
+            self._discard(connection)
+            raise
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        try:
+            return await self._open_connection()
+        except aiosmtplib.SMTPAuthenticationError as error:
+            # Wrong credentials are the operator's to fix, not the message's fault.
+            raise TransientDeliveryError(f"SMTP authentication failed: {error.code} {error.message}") from error
+        except aiosmtplib.SMTPResponseException as error:
+            raise TransientDeliveryError(f"SMTP connect refused: {error.code} {error.message}") from error
+        except (aiosmtplib.SMTPException, OSError) as error:
+            raise TransientDeliveryError(f"SMTP connect failed: {type(error).__name__}: {error}") from error
+
+    async def _transfer(self, checkout: _Checkout, message: EmailMessage, recipient: str) -> None:
+        assert checkout.connection is not None
+        try:
+            await checkout.connection.send_message(message, sender=self.envelope_sender, recipients=[recipient])
+        except aiosmtplib.SMTPServerDisconnected:
+            raise
+        except aiosmtplib.SMTPRecipientsRefused as error:
+            checkout.reusable = True  # aiosmtplib reset the transaction with RSET
+            refusal = error.recipients[0]
+            raise _reply_error(refusal.code, refusal.message) from error
+        except aiosmtplib.SMTPResponseException as error:
+            checkout.reusable = error.code != 421  # 421: the server is closing the connection
+            raise _reply_error(error.code, error.message) from error
+        except aiosmtplib.SMTPNotSupported as error:
+            # e.g. an internationalized address and a server without SMTPUTF8.
+            checkout.reusable = True
+            raise PermanentDeliveryError(f"SMTP server cannot take this message: {error}") from error
+        except ValueError as error:
+            # aiosmtplib refuses addresses that are unsafe on an SMTP command line.
+            checkout.reusable = True
+            raise PermanentDeliveryError(f"address rejected before sending: {error}") from error
+        except (aiosmtplib.SMTPException, OSError) as error:
+            raise TransientDeliveryError(f"SMTP failed: {type(error).__name__}: {error}") from error
+
+    async def _give_back(self, connection: aiosmtplib.SMTP | None) -> None:
+        if connection is None:
+            return
+        if self._closed:
+            await self._quit(connection)
+        else:
+            self._idle.append(connection)
+
+    @staticmethod
+    def _discard(connection: aiosmtplib.SMTP | None) -> None:
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    async def _quit(self, connection: aiosmtplib.SMTP) -> None:
+        try:
+            async with asyncio.timeout(2.0):
+                await connection.quit()
+        except Exception:  # noqa: BLE001 - closing anyway
+            self._discard(connection)
+
+    async def close(self) -> None:
+        """Says QUIT on every idle connection; a send in progress quits its own when done."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(self._quit(connection) for connection in idle))

@@ -1,0 +1,135 @@
+"""The notification record, its kinds and delivery states, and the retry policy.
+
+A `Notification` is one email the notifier owes a student: at most one per
+registration and kind. Delivery ends SENT or FAILED; transient failures are retried
+with exponential backoff and jitter, a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass
+from datetime import datetime
+
+
+class NotificationKind(enum.StrEnum):
+    """Which email: mirrors coursesignup.events.v1.NotificationKind without its prefix."""
+
+    RECEIVED = "RECEIVED"
+    ENROLLED = "ENROLLED"
+    DECLINED_FULL = "DECLINED_FULL"
+    DECLINED_DUPLICATE = "DECLINED_DUPLICATE"
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "PENDING"
+    SENT = "SENT"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One email owed to a student, as the SendNotification command described it."""
+
+    registration_id: str
+    kind: NotificationKind
+    recipient: str
+    locale: str
+    name: str
+    course_id: str
+    course_name: str
+
+
+@dataclass(frozen=True)
+class ClaimedNotification:
+    """A pending notification a sender took for one attempt.
+
+    `attempt` is the attempts counter after the claim incremented it; it doubles as a
+    fencing token: the outcome is recorded only if nobody re-claimed the row since.
+    """
+
+    id: int
+    attempt: int
+    notification: Notification
+
+
+@dataclass(frozen=True)
+class NotificationView:
+    """What ListNotifications shows of one notification."""
+
+    registration_id: str
+    kind: NotificationKind
+    recipient: str
+    status: DeliveryStatus
+    attempts: int
+    last_error: str | None
+    create_time: datetime
+    send_time: datetime | None
+
+
+class DeliveryError(Exception):
+    """Sending one email failed; `permanent` says whether trying again can help."""
+
+    permanent: bool = False
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TransientDeliveryError(DeliveryError):
+    """Connection trouble, timeouts, 4xx replies: another attempt may succeed."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """5xx replies, invalid addresses: another attempt would fail the same way."""
+
+    permanent = True
+
+
+# Outcomes of one attempt, recorded by the sender in batches.
+
+
+@dataclass(frozen=True)
+class Delivered:
+    claim_id: int
+    attempt: int
+    send_time: datetime
+
+
+@dataclass(frozen=True)
+class RetryLater:
+    claim_id: int
+    attempt: int
+    error: str
+    next_attempt_at: float
+
+
+@dataclass(frozen=True)
+class GaveUp:
+    claim_id: int
+    attempt: int
+    error: str
+
+
+Outcome = Delivered | RetryLater | GaveUp
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter for transient failures, up to `max_attempts`."""
+
+    max_attempts: int = 5
+    base_delay_seconds: float = 1.0
+    max_delay_seconds: float = 300.0
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based)."""
+        ceiling = min(self.max_delay_seconds, self.base_delay_seconds * 2 ** (attempt - 1))
+        return ceiling * (rng or random).uniform(0.5, 1.0)
+
+    def after_failure(self, claim: ClaimedNotification, error: DeliveryError, now: float) -> Outcome:
+        if error.permanent or claim.attempt >= self.max_attempts:
+            return GaveUp(claim.id, claim.attempt, error.reason)
+        return RetryLater(claim.id, claim.attempt, error.reason, now + self.delay(claim.attempt))

@@ -1,0 +1,119 @@
+"""Wires the stats service: settings, database, the enrollment-events consumer, the servicer.
+
+The gRPC port opens first (health NOT_SERVING); the start hook then opens the
+database, creates the tables, waits for Kinesis and the stream, and starts the
+consumer; health turns SERVING once the consumer holds its first leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import grpc
+from sqlalchemy import Engine
+
+from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
+from libs import consumer as consumer_lib
+from libs.config import StatsSettings
+from libs.db import make_engine
+from libs.errors import Unavailable
+from libs.grpc_server import ServiceHooks, run
+from libs.kinesis import ENROLLMENT_EVENTS_STREAM, ensure_stream, kinesis_client, wait_for_kinesis
+from libs.logs import configure_logging
+from services.stats.adapters.tables import metadata
+from services.stats.entrypoints.grpc_api import StatsServicer
+from services.stats.service_layer.projection import project_batch
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = stats_pb2.DESCRIPTOR.services_by_name["StatsService"].full_name
+
+
+class StatsRuntime:
+    """What the stats service opens at start and closes at stop."""
+
+    def __init__(self, settings: StatsSettings) -> None:
+        self.settings = settings
+        self.engine: Engine | None = None
+        self.consumer: consumer_lib.StreamConsumer | None = None
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def read_engine(self) -> Engine:
+        engine = self.engine
+        if engine is None:
+            raise Unavailable("the stats service is starting; retry shortly")
+        return engine
+
+    def start(self) -> None:
+        """Blocking start-up (run in a thread); returns once the consumer is ready."""
+        settings = self.settings
+        engine = make_engine(settings.stats_database_url)
+        metadata.create_all(engine)
+        consumer_lib.metadata.create_all(engine)
+        self.engine = engine
+        client = kinesis_client(settings.aws_region, settings.aws_endpoint_url_kinesis)
+        wait_for_kinesis(client)
+        stream = settings.stream_name(ENROLLMENT_EVENTS_STREAM)
+        ensure_stream(client, stream, settings.kinesis_shard_count)
+        consumer = consumer_lib.StreamConsumer(
+            engine=engine,
+            kinesis=client,
+            stream_name=stream,
+            handler=project_batch,
+            worker_id=settings.worker_id,
+            lease_seconds=settings.lease_seconds,
+        )
+        with self._lock:
+            if self._stopping.is_set():
+                engine.dispose()
+                return
+            consumer.start()
+            self.consumer = consumer
+        # Poll rather than block, so that a stop during start-up is not held up.
+        while not consumer.ready.wait(0.2):
+            if self._stopping.is_set():
+                return
+        log.info("consuming", extra={"stream": stream, "worker": consumer.worker_id})
+
+    def stop(self) -> None:
+        """Finishes the batch in progress, hands back the leases, closes the database."""
+        with self._lock:
+            self._stopping.set()
+            consumer = self.consumer
+        if consumer is not None:
+            consumer.stop()
+        if self.engine is not None:
+            self.engine.dispose()
+
+
+def build_hooks(settings: StatsSettings) -> ServiceHooks:
+    runtime = StatsRuntime(settings)
+
+    def register(server: grpc.aio.Server) -> None:
+        stats_pb2_grpc.add_StatsServiceServicer_to_server(StatsServicer(runtime.read_engine), server)
+
+    async def start() -> None:
+        await asyncio.to_thread(runtime.start)
+
+    async def stop() -> None:
+        await asyncio.to_thread(runtime.stop)
+
+    return ServiceHooks(
+        name="stats",
+        port=settings.stats_port,
+        bind_host=settings.bind_host,
+        register=register,
+        service_names=[SERVICE_NAME],
+        start=start,
+        stop=stop,
+        grace_seconds=settings.shutdown_grace_seconds,
+    )
+
+
+def main() -> None:
+    settings = StatsSettings()
+    configure_logging("stats", settings.log_level)
+    run(build_hooks(settings))

@@ -1,0 +1,88 @@
+"""The EnrollmentService catalogue API over gRPC, against SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from coursesignup.enrollment.v1 import enrollment_pb2 as pb
+from coursesignup.enrollment.v1 import enrollment_pb2_grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from libs.config import EnrollmentSettings
+from services.enrollment.bootstrap import build_hooks
+from tests import helpers
+
+
+@pytest.fixture
+def enrollment(kinesis_env, database_url, monkeypatch):
+    port = helpers.free_port()
+    monkeypatch.setenv("ENROLLMENT_PORT", str(port))
+    monkeypatch.setenv("ENROLLMENT_DATABASE_URL", database_url)
+    monkeypatch.setenv("KINESIS_SHARD_COUNT", "1")
+    with helpers.serve_in_thread(build_hooks(EnrollmentSettings())):
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield enrollment_pb2_grpc.EnrollmentServiceStub(channel)
+
+
+def violations(error: grpc.RpcError) -> set[str]:
+    status = rpc_status.from_call(error)
+    found = set()
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            found |= {v.field for v in bad.field_violations}
+    return found
+
+
+def code_of(call, *args) -> tuple[grpc.StatusCode, grpc.RpcError]:
+    with pytest.raises(grpc.RpcError) as error:
+        call(*args)
+    return error.value.code(), error.value
+
+
+def test_catalogue_round_trip_with_pages_and_clear_errors(enrollment):
+    enrollment.CreateCampus(pb.CreateCampusRequest(campus=pb.Campus(campus_id="sp", name="São Paulo")))
+    code, _ = code_of(enrollment.CreateCampus, pb.CreateCampusRequest(campus=pb.Campus(campus_id="sp", name="x")))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    for i in range(5):
+        created = enrollment.CreateCourse(pb.CreateCourseRequest(
+            course=pb.Course(course_id=f"c{i}", campus_id="sp", name=f"Course {i}", capacity=10 + i)))
+        assert (created.capacity, created.enrolled_count) == (10 + i, 0)
+
+    seen, token = [], ""
+    while True:
+        page = enrollment.ListCourses(pb.ListCoursesRequest(campus_id="sp", page_size=2, page_token=token))
+        seen += [c.course_id for c in page.courses]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [f"c{i}" for i in range(5)]
+
+    first = enrollment.ListCourses(pb.ListCoursesRequest(campus_id="sp", page_size=2))
+    code, error = code_of(enrollment.ListCourses,
+                          pb.ListCoursesRequest(campus_id="rj", page_size=2, page_token=first.next_page_token))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and violations(error) == {"page_token"}
+    code, error = code_of(enrollment.ListCourses, pb.ListCoursesRequest(page_token="forged"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+    code, _ = code_of(enrollment.GetCourse, pb.GetCourseRequest(course_id="nope"))
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = code_of(enrollment.CreateCourse, pb.CreateCourseRequest(
+        course=pb.Course(course_id="c9", campus_id="ghost", name="x", capacity=1)))
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, error = code_of(enrollment.CreateCourse, pb.CreateCourseRequest(
+        course=pb.Course(course_id="Bad Id", campus_id="sp", name="", capacity=-1)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(error) == {"course.course_id", "course.name", "course.capacity"}
+
+    updated = enrollment.UpdateCourse(pb.UpdateCourseRequest(
+        course=pb.Course(course_id="c0", capacity=99), update_mask=["capacity"]))
+    assert (updated.capacity, updated.name) == (99, "Course 0")
+    code, error = code_of(enrollment.UpdateCourse, pb.UpdateCourseRequest(
+        course=pb.Course(course_id="c0", campus_id="rj"), update_mask=["campus_id"]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and violations(error) == {"update_mask"}
+    assert enrollment.GetCourse(pb.GetCourseRequest(course_id="c0")).campus_id == "sp"
+
+    code, _ = code_of(enrollment.GetDecision, pb.GetDecisionRequest(registration_id="reg_unknown"))
+    assert code == grpc.StatusCode.NOT_FOUND

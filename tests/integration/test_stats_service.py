@@ -1,0 +1,223 @@
+"""The stats service end to end in-process: real kinesalite, both databases, a gRPC client.
+
+The service runs through the shared bootstrap (`serve`) on this test's event loop, so
+health, the error interceptor and the consumer are the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import uuid
+from collections.abc import AsyncIterator
+from datetime import date, datetime, timedelta, timezone
+
+import grpc
+import pytest
+from google.protobuf import timestamp_pb2
+from google.rpc import error_details_pb2
+from google.type import date_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from sqlalchemy import select
+
+from coursesignup.events.v1 import events_pb2
+from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
+from libs import consumer as consumer_lib
+from libs.config import StatsSettings
+from libs.db import make_engine
+from libs.envelope import new_envelope
+from libs.grpc_server import serve
+from libs.kinesis import ENROLLMENT_EVENTS_STREAM, OutgoingRecord, kinesis_client, put_records
+from services.stats.bootstrap import SERVICE_NAME, build_hooks
+from services.stats.domain.ages import age_on
+from tests.helpers import free_port
+
+COURSES = {"cs101": "north", "cs102": "north", "bio1": "south"}
+FEB_29_BORN = date(2004, 2, 29)
+
+
+@pytest.fixture
+def settings(kinesis_env, database_url, monkeypatch) -> StatsSettings:
+    monkeypatch.setenv("STATS_PORT", str(free_port()))
+    monkeypatch.setenv("BIND_HOST", "127.0.0.1")
+    monkeypatch.setenv("STATS_DATABASE_URL", database_url)
+    monkeypatch.setenv("KINESIS_SHARD_COUNT", "2")
+    monkeypatch.setenv("LEASE_SECONDS", "3")
+    return StatsSettings()
+
+
+@contextlib.asynccontextmanager
+async def running_stats_service(settings: StatsSettings) -> AsyncIterator[grpc.aio.Channel]:
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(build_hooks(settings), stop))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{settings.stats_port}")
+    try:
+        health = health_pb2_grpc.HealthStub(channel)
+        for _ in range(300):
+            if server.done():
+                raise AssertionError("the stats service stopped during start-up") from server.exception()
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the stats service never turned SERVING")
+        yield channel
+    finally:
+        await channel.close()
+        stop.set()
+        await asyncio.wait_for(server, 30)
+
+
+def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def _enrolled(registration_id: str, course_id: str, email: str, birth: date) -> events_pb2.StudentEnrolled:
+    return events_pb2.StudentEnrolled(
+        registration_id=registration_id, course_id=course_id, campus_id=COURSES[course_id],
+        name="Student " + email.split("@")[0], email=email,
+        birth_date=date_pb2.Date(year=birth.year, month=birth.month, day=birth.day),
+        enroll_time=_timestamp(datetime(2025, 1, 10, tzinfo=timezone.utc)),
+    )
+
+
+def _enrollment_events(rng: random.Random) -> list[events_pb2.StudentEnrolled]:
+    """Distinct enrollments: some students in two courses of one campus, some in both campuses."""
+    people = [(f"student{n}@example.org", FEB_29_BORN if n % 7 == 0 else
+               date(1960, 1, 1) + timedelta(days=rng.randrange(16000))) for n in range(14)]
+    events = []
+    for email, birth in people:
+        for course_id in rng.sample(sorted(COURSES), rng.randint(1, 3)):
+            events.append(_enrolled(f"reg-{uuid.uuid4().hex[:10]}", course_id, email, birth))
+    rng.shuffle(events)
+    return events
+
+
+def _brute_force(events: list[events_pb2.StudentEnrolled], as_of: date) -> dict[str, tuple]:
+    """(count, min age, max age, mean age) per scope name, recomputed student by student."""
+    members: dict[str, dict[str, date]] = {}
+    for event in events:
+        birth = date(event.birth_date.year, event.birth_date.month, event.birth_date.day)
+        members.setdefault(f"courses/{event.course_id}", {})[event.registration_id] = birth
+        members.setdefault(f"campuses/{event.campus_id}", {})[event.email] = birth
+        members.setdefault("overall", {})[event.email] = birth
+    figures = {}
+    for scope, births in members.items():
+        ages = [age_on(b, as_of) for b in births.values()]
+        figures[scope] = (len(ages), min(ages), max(ages), sum(ages) / len(ages))
+    return figures
+
+
+async def _figures(channel: grpc.aio.Channel, as_of: date) -> dict[str, tuple]:
+    stub = stats_pb2_grpc.StatsServiceStub(channel)
+    when = date_pb2.Date(year=as_of.year, month=as_of.month, day=as_of.day)
+    replies = [await stub.GetCourseStats(stats_pb2.GetCourseStatsRequest(course_id=c, as_of=when)) for c in COURSES]
+    replies += [await stub.GetCampusStats(stats_pb2.GetCampusStatsRequest(campus_id=c, as_of=when))
+                for c in sorted(set(COURSES.values()))]
+    replies.append(await stub.GetOverallStats(stats_pb2.GetOverallStatsRequest(as_of=when)))
+    for reply in replies:
+        assert (reply.as_of.year, reply.as_of.month, reply.as_of.day) == (as_of.year, as_of.month, as_of.day)
+    return {r.scope: (r.student_count, r.min_age, r.max_age, r.average_age) for r in replies}
+
+
+def test_figures_equal_a_brute_force_recount_despite_redelivered_and_malformed_records(settings, database_url):
+    rng = random.Random(42)
+    events = _enrollment_events(rng)
+    assert len({e.email for e in events if e.campus_id == "north"}) < len([e for e in events if e.campus_id == "north"])
+    envelopes = [new_envelope(e.registration_id, student_enrolled=e) for e in events]
+    records = [OutgoingRecord(e.course_id, env.SerializeToString()) for e, env in zip(events, envelopes)]
+    # The outbox may publish an event twice, and an event may be redelivered in a new envelope.
+    records += [records[0], records[5], records[5]]
+    records.append(OutgoingRecord(events[3].course_id,
+                                  new_envelope(events[3].registration_id, student_enrolled=events[3]).SerializeToString()))
+    declined = events_pb2.RegistrationDeclined(registration_id="reg-declined", course_id="cs101", campus_id="north",
+                                               reason=events_pb2.DECLINE_REASON_FULL)
+    records.append(OutgoingRecord("cs101", new_envelope("reg-declined", registration_declined=declined).SerializeToString()))
+    impossible_birthday = _enrolled("reg-bad-date", "cs102", "bad@example.org", date(2000, 1, 1))
+    impossible_birthday.birth_date.month = 13
+    records.append(OutgoingRecord("cs102", new_envelope("reg-bad-date", student_enrolled=impossible_birthday)
+                                  .SerializeToString()))
+    # Put after everything else on each course's shard: once these are dead letters,
+    # every record before them on that partition key has been applied.
+    markers = [OutgoingRecord(course_id, b"\x00not an envelope") for course_id in COURSES]
+
+    async def scenario() -> None:
+        async with running_stats_service(settings) as channel:
+            client = kinesis_client(settings.aws_region)
+            stream = settings.stream_name(ENROLLMENT_EVENTS_STREAM)
+            assert all(await asyncio.to_thread(put_records, client, stream, records))
+            assert all(await asyncio.to_thread(put_records, client, stream, markers))
+            engine = make_engine(database_url)
+            try:
+                for _ in range(300):
+                    with engine.connect() as conn:
+                        letters = conn.execute(select(consumer_lib.dead_letters)).all()
+                    if {r.partition_key for r in letters if r.data.startswith(b"\x00")} == set(COURSES):
+                        break
+                    await asyncio.sleep(0.1)
+                else:
+                    raise AssertionError(f"markers not consumed in time; dead letters: {len(letters)}")
+            finally:
+                engine.dispose()
+            assert sorted(r.partition_key for r in letters) == ["bio1", "cs101", "cs102", "cs102"]
+
+            for as_of in (date(2025, 2, 28), date(2025, 3, 1), date(2024, 2, 29), date(2031, 7, 4)):
+                assert await _figures(channel, as_of) == _brute_force(events, as_of), as_of
+
+    asyncio.run(scenario())
+
+
+def _violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    status = rpc_status.from_call(error)
+    assert status is not None, "no rich status details"
+    found = {}
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            found.update({v.field: v.description for v in bad_request.field_violations})
+    return found
+
+
+def test_bad_requests_get_invalid_argument_naming_the_field_and_unknown_scopes_get_zeros(settings):
+    async def scenario() -> None:
+        async with running_stats_service(settings) as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            stub = stats_pb2_grpc.StatsServiceStub(channel)
+
+            bad_calls = [
+                (stub.GetCourseStats(stats_pb2.GetCourseStatsRequest()), {"course_id"}),
+                (stub.GetCourseStats(stats_pb2.GetCourseStatsRequest(course_id="Intro to CS")), {"course_id"}),
+                (stub.GetCourseStats(stats_pb2.GetCourseStatsRequest(
+                    course_id="cs101", as_of=date_pb2.Date(year=2025, month=13, day=1))), {"as_of"}),
+                (stub.GetCourseStats(stats_pb2.GetCourseStatsRequest(
+                    as_of=date_pb2.Date(year=2024, month=2, day=30))), {"course_id", "as_of"}),
+                (stub.GetCampusStats(stats_pb2.GetCampusStatsRequest(campus_id="")), {"campus_id"}),
+                (stub.GetOverallStats(stats_pb2.GetOverallStatsRequest(
+                    as_of=date_pb2.Date(year=2023, month=2, day=29))), {"as_of"}),
+                (stub.GetOverallStats(stats_pb2.GetOverallStatsRequest(
+                    as_of=date_pb2.Date(year=0, month=6, day=1))), {"as_of"}),
+            ]
+            for call, fields in bad_calls:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert set(_violations(caught.value)) == fields
+
+            before = datetime.now(timezone.utc).date()
+            empty = await stub.GetCourseStats(stats_pb2.GetCourseStatsRequest(course_id="no-such-course"))
+            after = datetime.now(timezone.utc).date()
+            assert empty.scope == "courses/no-such-course"
+            assert (empty.student_count, empty.min_age, empty.max_age, empty.average_age) == (0, 0, 0, 0.0)
+            assert date(empty.as_of.year, empty.as_of.month, empty.as_of.day) in {before, after}
+            leap_day = await stub.GetCampusStats(stats_pb2.GetCampusStatsRequest(
+                campus_id="nowhere", as_of=date_pb2.Date(year=2024, month=2, day=29)))
+            assert (leap_day.scope, leap_day.student_count, leap_day.as_of.day) == ("campuses/nowhere", 0, 29)
+
+    asyncio.run(scenario())

@@ -1,0 +1,80 @@
+"""Registration ids and sign-up validation: pure rules, no I/O."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from libs.errors import InvalidArgument
+from services.registration.domain.registration_ids import IdCheck, RegistrationIds
+from services.registration.domain.validation import validate_sign_up
+
+TODAY = dt.date(2026, 11, 28)
+
+
+def sign_up(**overrides):
+    fields = dict(name="Ada Lovelace", birth_year=1990, birth_month=12, birth_day=10, course_id="cs101",
+                  email="ada@example.com", request_id="", locale="", today=TODAY)
+    fields.update(overrides)
+    return validate_sign_up(**fields)
+
+
+def violated(**overrides) -> set[str]:
+    with pytest.raises(InvalidArgument) as error:
+        sign_up(**overrides)
+    return {v.field for v in error.value.violations}
+
+
+def test_issued_ids_verify_and_others_do_not():
+    ids = RegistrationIds("secret")
+    issued = ids.issue()
+    assert ids.check(issued) is IdCheck.ISSUED
+    assert RegistrationIds("another secret").check(issued) is IdCheck.NOT_ISSUED
+    flipped = issued[:-1] + ("a" if issued[-1] != "a" else "b")
+    assert ids.check(flipped) in (IdCheck.NOT_ISSUED, IdCheck.MALFORMED)
+    assert ids.check("reg_short") is IdCheck.MALFORMED
+    assert ids.check("x" * len(issued)) is IdCheck.MALFORMED
+    assert ids.check("") is IdCheck.MALFORMED
+
+
+def test_the_same_request_id_always_maps_to_the_same_registration():
+    ids = RegistrationIds("secret")
+    assert ids.issue("req-1") == ids.issue("req-1")
+    assert ids.issue("req-1") != ids.issue("req-2")
+    assert ids.issue() != ids.issue()
+
+
+def test_a_valid_sign_up_is_normalized():
+    result = sign_up(name="  Ada   Lovelace ", email="Ada@Example.COM")
+    assert result.name == "Ada Lovelace"
+    assert result.email == "Ada@example.com"  # the domain is case-insensitive, the local part is kept
+    assert result.birth_date == dt.date(1990, 12, 10)
+    assert result.locale == "en"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fields"),
+    [
+        ({"name": ""}, {"name"}),
+        ({"name": "Eve\r\nBcc: x@evil.test"}, {"name"}),
+        ({"birth_year": 0, "birth_month": 0, "birth_day": 0}, {"birth_date"}),
+        ({"birth_month": 2, "birth_day": 30}, {"birth_date"}),
+        ({"birth_year": 2027}, {"birth_date"}),
+        ({"birth_year": 1890}, {"birth_date"}),
+        ({"birth_year": 2026, "birth_month": 6, "birth_day": 1}, {"birth_date"}),
+        ({"course_id": ""}, {"course_id"}),
+        ({"course_id": "CS 101; DROP"}, {"course_id"}),
+        ({"email": "not-an-email"}, {"email"}),
+        ({"email": "a@b@c.com"}, {"email"}),
+        ({"locale": "klingon"}, {"locale"}),
+        ({"request_id": "r" * 129}, {"request_id"}),
+        ({"name": "", "email": "", "course_id": ""}, {"name", "email", "course_id"}),
+    ],
+)
+def test_bad_fields_are_each_named(overrides, fields):
+    assert violated(**overrides) == fields
+
+
+def test_internationalized_addresses_are_accepted():
+    assert sign_up(email="josé@exemplo.com.br").email == "josé@exemplo.com.br"
