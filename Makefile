@@ -34,8 +34,7 @@ gen: $(GENERATED)
 ## run: the whole mesh on embedded defaults (kinesalite, SQLite, aiosmtpd), data under var/
 run: install gen
 	@mkdir -p var
-	$(VENV)/bin/honcho --no-prefix -f Procfile -e dev/local.env start 2>/dev/null || \
-	$(VENV)/bin/honcho -f Procfile -e dev/local.env start
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" exec $(VENV)/bin/honcho -f Procfile -e dev/local.env start
 
 lint-protos: $(NODE_INSTALLED)
 	cd protos && ../node_modules/.bin/buf lint

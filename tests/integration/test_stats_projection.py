@@ -9,7 +9,15 @@ import pytest
 from sqlalchemy import func, select
 
 from libs.db import make_engine
-from services.stats.adapters.tables import age_buckets, campus_students, metadata, roster, students
+from services.stats.adapters.tables import (
+    age_buckets,
+    age_totals,
+    birthday_buckets,
+    campus_students,
+    metadata,
+    roster,
+    students,
+)
 from services.stats.domain.ages import age_on
 from services.stats.domain.model import OVERALL_SCOPE, StudentEnrolled, campus_scope, course_scope
 from services.stats.service_layer.projection import add_enrollments, remove_enrollments
@@ -110,21 +118,25 @@ def test_a_student_in_two_courses_of_a_campus_counts_once_there_and_once_overall
         assert conn.execute(select(students.c.enrollments)).scalar_one() == 3
 
 
-def test_removing_enrollments_brings_every_figure_back_and_deletes_empty_rows(engine):
+def test_removing_enrollments_brings_every_figure_back_and_redelivery_does_not_undo_it(engine):
     rng = random.Random(11)
     events = _enrollments(rng, _people(rng, 40), 300)
+    removed_time = datetime(2025, 2, 1, tzinfo=timezone.utc)
     with engine.begin() as conn:
         add_enrollments(conn, events)
-    cancelled = rng.sample([e.registration_id for e in events], 120)
+    cancelled = set(rng.sample([e.registration_id for e in events], 120))
     with engine.begin() as conn:
-        assert remove_enrollments(conn, cancelled + ["never-enrolled"]) == 120
-        assert remove_enrollments(conn, cancelled) == 0  # a cancellation redelivered
-    remaining = [e for e in events if e.registration_id not in set(cancelled)]
+        assert remove_enrollments(conn, [*cancelled, "never-enrolled"], removed_time) == 120
+        assert remove_enrollments(conn, cancelled, removed_time) == 0  # a removal redelivered
+    with engine.begin() as conn:
+        assert add_enrollments(conn, events) == 0  # a late redelivery of the enrollments
+    remaining = [e for e in events if e.registration_id not in cancelled]
     _assert_exact(engine, remaining)
 
     with engine.begin() as conn:
-        remove_enrollments(conn, [e.registration_id for e in remaining])
+        remove_enrollments(conn, [e.registration_id for e in remaining], removed_time)
     _assert_exact(engine, [])
     with engine.connect() as conn:
-        for table in (age_buckets, campus_students, students, roster):
+        for table in (age_buckets, birthday_buckets, age_totals, campus_students, students):
             assert conn.execute(select(func.count()).select_from(table)).scalar_one() == 0, table.name
+        assert conn.execute(select(func.count()).select_from(roster)).scalar_one() == 300

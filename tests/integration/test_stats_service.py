@@ -126,48 +126,63 @@ async def _figures(channel: grpc.aio.Channel, as_of: date) -> dict[str, tuple]:
     return {r.scope: (r.student_count, r.min_age, r.max_age, r.average_age) for r in replies}
 
 
+async def _wait_for_markers(database_url: str, marker: bytes) -> list:
+    """Waits until every course's marker is a dead letter: then all before it was applied."""
+    engine = make_engine(database_url)
+    try:
+        for _ in range(300):
+            with engine.connect() as conn:
+                letters = conn.execute(select(consumer_lib.dead_letters)).all()
+            if {r.partition_key for r in letters if r.data == marker} == set(COURSES):
+                return letters
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"markers not consumed in time; dead letters: {len(letters)}")
+    finally:
+        engine.dispose()
+
+
+def _markers(round_number: int) -> list[OutgoingRecord]:
+    # Put after everything else on each course's shard (its partition key): once they
+    # are dead letters, every record before them on that key has been applied.
+    return [OutgoingRecord(course_id, b"\x00marker %d" % round_number) for course_id in COURSES]
+
+
 def test_figures_equal_a_brute_force_recount_despite_redelivered_and_malformed_records(settings, database_url):
     rng = random.Random(42)
     events = _enrollment_events(rng)
-    assert len({e.email for e in events if e.campus_id == "north"}) < len([e for e in events if e.campus_id == "north"])
-    envelopes = [new_envelope(e.registration_id, student_enrolled=e) for e in events]
-    records = [OutgoingRecord(e.course_id, env.SerializeToString()) for e, env in zip(events, envelopes)]
-    # The outbox may publish an event twice, and an event may be redelivered in a new envelope.
-    records += [records[0], records[5], records[5]]
-    records.append(OutgoingRecord(events[3].course_id,
-                                  new_envelope(events[3].registration_id, student_enrolled=events[3]).SerializeToString()))
+    north = [e for e in events if e.campus_id == "north"]
+    assert len({e.email for e in north}) < len(north), "some student should take two courses on one campus"
+    records = [OutgoingRecord(e.course_id, new_envelope(e.registration_id, student_enrolled=e).SerializeToString())
+               for e in events]
+    first_batch = [*records, records[0]]  # the outbox published one event twice
     declined = events_pb2.RegistrationDeclined(registration_id="reg-declined", course_id="cs101", campus_id="north",
                                                reason=events_pb2.DECLINE_REASON_FULL)
-    records.append(OutgoingRecord("cs101", new_envelope("reg-declined", registration_declined=declined).SerializeToString()))
+    first_batch.append(OutgoingRecord("cs101", new_envelope("reg-declined", registration_declined=declined)
+                                      .SerializeToString()))
     impossible_birthday = _enrolled("reg-bad-date", "cs102", "bad@example.org", date(2000, 1, 1))
     impossible_birthday.birth_date.month = 13
-    records.append(OutgoingRecord("cs102", new_envelope("reg-bad-date", student_enrolled=impossible_birthday)
-                                  .SerializeToString()))
-    # Put after everything else on each course's shard: once these are dead letters,
-    # every record before them on that partition key has been applied.
-    markers = [OutgoingRecord(course_id, b"\x00not an envelope") for course_id in COURSES]
+    first_batch.append(OutgoingRecord("cs102", new_envelope("reg-bad-date", student_enrolled=impossible_birthday)
+                                      .SerializeToString()))
+    # Later, long after they were applied: the same records again, and one event in a new envelope.
+    redelivered = [*records[3:9], OutgoingRecord(events[1].course_id, new_envelope(
+        events[1].registration_id, student_enrolled=events[1]).SerializeToString())]
+    days = (date(2025, 2, 28), date(2025, 3, 1), date(2024, 2, 29), date(2031, 7, 4))
 
     async def scenario() -> None:
         async with running_stats_service(settings) as channel:
             client = kinesis_client(settings.aws_region)
             stream = settings.stream_name(ENROLLMENT_EVENTS_STREAM)
-            assert all(await asyncio.to_thread(put_records, client, stream, records))
-            assert all(await asyncio.to_thread(put_records, client, stream, markers))
-            engine = make_engine(database_url)
-            try:
-                for _ in range(300):
-                    with engine.connect() as conn:
-                        letters = conn.execute(select(consumer_lib.dead_letters)).all()
-                    if {r.partition_key for r in letters if r.data.startswith(b"\x00")} == set(COURSES):
-                        break
-                    await asyncio.sleep(0.1)
-                else:
-                    raise AssertionError(f"markers not consumed in time; dead letters: {len(letters)}")
-            finally:
-                engine.dispose()
+            assert all(await asyncio.to_thread(put_records, client, stream, first_batch))
+            assert all(await asyncio.to_thread(put_records, client, stream, _markers(1)))
+            letters = await _wait_for_markers(database_url, b"\x00marker 1")
             assert sorted(r.partition_key for r in letters) == ["bio1", "cs101", "cs102", "cs102"]
+            for as_of in days:
+                assert await _figures(channel, as_of) == _brute_force(events, as_of), as_of
 
-            for as_of in (date(2025, 2, 28), date(2025, 3, 1), date(2024, 2, 29), date(2031, 7, 4)):
+            assert all(await asyncio.to_thread(put_records, client, stream, redelivered))
+            assert all(await asyncio.to_thread(put_records, client, stream, _markers(2)))
+            await _wait_for_markers(database_url, b"\x00marker 2")
+            for as_of in days:
                 assert await _figures(channel, as_of) == _brute_force(events, as_of), as_of
 
     asyncio.run(scenario())

@@ -12,7 +12,8 @@ expired and was re-claimed by another cannot overwrite the newer attempt.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -88,7 +89,7 @@ def create_tables(engine: Engine) -> None:
 def _utc(value: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes; everything stored is UTC.
     if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
+        return value.replace(tzinfo=UTC)
     return value
 
 
@@ -104,14 +105,15 @@ def add_notifications(conn: Connection, batch: Sequence[Notification], now: date
     if not unique:
         return 0
     dialect = conn.dialect.name
+    conflict_columns = ["registration_id", "kind"]
+    statement: postgresql.Insert | sqlite.Insert
     if dialect == "postgresql":
-        statement = postgresql.insert(notifications)
+        statement = postgresql.insert(notifications).on_conflict_do_nothing(index_elements=conflict_columns)
     elif dialect == "sqlite":
-        statement = sqlite.insert(notifications)
+        statement = sqlite.insert(notifications).on_conflict_do_nothing(index_elements=conflict_columns)
     else:
         raise NotImplementedError(f"notifier supports PostgreSQL and SQLite, not {dialect}")
-    statement = statement.on_conflict_do_nothing(index_elements=["registration_id", "kind"])
-    now = now.astimezone(timezone.utc)
+    now = now.astimezone(UTC)
     rows = [
         {
             "registration_id": n.registration_id,
@@ -137,15 +139,15 @@ def add_notifications(conn: Connection, batch: Sequence[Notification], now: date
     return inserted
 
 
-def _notification(row: object) -> Notification:
+def _notification(row: Any) -> Notification:
     return Notification(
-        registration_id=row.registration_id,  # type: ignore[attr-defined]
-        kind=NotificationKind(row.kind),  # type: ignore[attr-defined]
-        recipient=row.recipient,  # type: ignore[attr-defined]
-        locale=row.locale,  # type: ignore[attr-defined]
-        name=row.name,  # type: ignore[attr-defined]
-        course_id=row.course_id,  # type: ignore[attr-defined]
-        course_name=row.course_name,  # type: ignore[attr-defined]
+        registration_id=row.registration_id,
+        kind=NotificationKind(row.kind),
+        recipient=row.recipient,
+        locale=row.locale,
+        name=row.name,
+        course_id=row.course_id,
+        course_name=row.course_name,
     )
 
 
@@ -183,7 +185,7 @@ class NotificationStore:
             t.c.attempts == bindparam("b_attempt"),
             t.c.status == DeliveryStatus.PENDING.value,
         )
-        sent = [{"b_id": o.claim_id, "b_attempt": o.attempt, "b_send_time": o.send_time.astimezone(timezone.utc)}
+        sent = [{"b_id": o.claim_id, "b_attempt": o.attempt, "b_send_time": o.send_time.astimezone(UTC)}
                 for o in outcomes if isinstance(o, Delivered)]
         retried = [{"b_id": o.claim_id, "b_attempt": o.attempt, "b_error": o.error[:_MAX_ERROR_CHARS],
                     "b_due": o.next_attempt_at}

@@ -16,6 +16,7 @@ import contextlib
 import email.utils
 import logging
 import socket
+import ssl
 from dataclasses import dataclass
 from email.message import EmailMessage
 
@@ -54,6 +55,7 @@ class SmtpMailer:
         timeout_seconds: float = 10.0,
         max_connections: int = 4,
         local_hostname: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -61,6 +63,8 @@ class SmtpMailer:
         self._password = password if username else None
         self._starttls = starttls
         self._timeout = timeout_seconds
+        # None: the system's trusted CAs, certificates verified.
+        self._tls_context = tls_context
         self.max_connections = max_connections
         self.envelope_sender = email.utils.parseaddr(mail_from)[1] or mail_from
         # socket.getfqdn() may wait on DNS; aiosmtplib would call it on every connect.
@@ -117,6 +121,7 @@ class SmtpMailer:
             start_tls=self._starttls,
             timeout=self._timeout,
             local_hostname=self._local_hostname,
+            tls_context=self._tls_context if self._starttls else None,
         )
         try:
             await connection.connect()
@@ -124,6 +129,7 @@ class SmtpMailer:
             # A failed STARTTLS or AUTH leaves the socket open.
             self._discard(connection)
             raise
+        return connection
 
     async def _connect(self) -> aiosmtplib.SMTP:
         try:
@@ -137,9 +143,11 @@ class SmtpMailer:
             raise TransientDeliveryError(f"SMTP connect failed: {type(error).__name__}: {error}") from error
 
     async def _transfer(self, checkout: _Checkout, message: EmailMessage, recipient: str) -> None:
-        assert checkout.connection is not None
+        connection = checkout.connection
+        if connection is None:
+            raise TransientDeliveryError("no SMTP connection")
         try:
-            await checkout.connection.send_message(message, sender=self.envelope_sender, recipients=[recipient])
+            await connection.send_message(message, sender=self.envelope_sender, recipients=[recipient])
         except aiosmtplib.SMTPServerDisconnected:
             raise
         except aiosmtplib.SMTPRecipientsRefused as error:

@@ -12,8 +12,9 @@ import email.policy
 import email.utils
 import re
 import unicodedata
+import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import EmailMessage
 
 from email_validator import EmailNotValidError, validate_email
@@ -61,30 +62,36 @@ class RenderedEmail:
     html: str
 
 
-def _is_ascii(value: str) -> bool:
-    return value.isascii()
-
-
 def compose_message(
     rendered: RenderedEmail,
     *,
     mail_from: str,
     recipient: str,
+    kind: str = "",
+    registration_id: str = "",
     now: datetime | None = None,
 ) -> EmailMessage:
     """A multipart/alternative (text + HTML) message to `recipient`, a validated address."""
     _, from_address = email.utils.parseaddr(mail_from)
     domain = from_address.rpartition("@")[2] or "course-signup.local"
     # SMTPUTF8 only when an address needs it; otherwise non-ASCII headers are RFC 2047 encoded.
-    policy = email.policy.SMTP if _is_ascii(recipient) and _is_ascii(mail_from) else email.policy.SMTPUTF8
+    policy = email.policy.SMTP if recipient.isascii() and mail_from.isascii() else email.policy.SMTPUTF8
     message = EmailMessage(policy=policy)
     message["From"] = mail_from
     message["To"] = recipient
     message["Subject"] = single_line(rendered.subject, max_chars=900)
-    message["Date"] = email.utils.format_datetime(now or datetime.now(timezone.utc))
+    message["Date"] = email.utils.format_datetime(now or datetime.now(UTC))
     message["Message-ID"] = email.utils.make_msgid(domain=domain)
     # RFC 3834: tells auto-responders not to answer.
     message["Auto-Submitted"] = "auto-generated"
+    # Machine-readable tags for mail filters and support tools (e.g. "declined-full").
+    if kind:
+        message["X-Course-Signup-Kind"] = kind.lower().replace("_", "-")
+    if registration_id:
+        message["X-Course-Signup-Registration"] = single_line(registration_id, max_chars=64)
     message.set_content(rendered.text)
     message.add_alternative(rendered.html, subtype="html")
+    # A random boundary cannot occur in the parts; chosen here, the generator skips
+    # compiling a regex per message to search them for its own candidate.
+    message.set_boundary(f"=_{uuid.uuid4().hex}")
     return message

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import EmailMessage
 
 from sqlalchemy import Connection
@@ -25,7 +25,7 @@ def record_notifications(conn: Connection, commands: Sequence[Notification]) -> 
     an upstream relay published it twice) adds nothing. No email is sent here: the
     sender picks the rows up after the transaction commits.
     """
-    added = repository.add_notifications(conn, commands, datetime.now(timezone.utc))
+    added = repository.add_notifications(conn, commands, datetime.now(UTC))
     if len(commands) > added:
         log.info("duplicate notification commands ignored", extra={"count": len(commands) - added})
     return added
@@ -33,6 +33,9 @@ def record_notifications(conn: Connection, commands: Sequence[Notification]) -> 
 
 def message_composer(renderer: TemplateRenderer, mail_from: str) -> Composer:
     def compose(notification: Notification, recipient: str) -> EmailMessage:
-        return compose_message(renderer.render(notification), mail_from=mail_from, recipient=recipient)
+        return compose_message(
+            renderer.render(notification), mail_from=mail_from, recipient=recipient,
+            kind=notification.kind.value, registration_id=notification.registration_id,
+        )
 
     return compose

@@ -1,13 +1,16 @@
 """The read model's tables (SQLAlchemy Core), in the stats service's own database.
 
 - `roster`: one row per enrollment, keyed by registration id; a redelivered event finds
-  its row already there and changes nothing.
+  its row already there and changes nothing. A removed enrollment keeps its row with a
+  `removed_time` (a tombstone), so a late redelivery cannot bring it back.
 - `campus_students` / `students`: each distinct student (by email) per campus and
   overall, with how many of their enrollments are in that scope, so a student counts
   once however many courses they take, and leaves the scope when the count drops to 0.
-- `age_buckets`: students per birth date per scope ("course:<id>", "campus:<id>",
-  "overall"). Metrics are computed from these rows alone: at most one row per distinct
-  birth date, however many enrollments there are. Rows that reach 0 are deleted.
+- `age_buckets`, `birthday_buckets`, `age_totals`: per scope ("course:<id>",
+  "campus:<id>", "overall"), students per birth date, students per birthday (month,
+  day), and the count with the sum of birth years. A metric query reads one totals row,
+  at most 366 birthday rows and the two ends of the birth-date index, however many
+  enrollments there are. Rows that reach 0 are deleted.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ roster = Table(
     Column("name", String, nullable=False),
     Column("birth_date", Date, nullable=False),
     Column("enroll_time", DateTime(timezone=True), nullable=False),
+    Column("removed_time", DateTime(timezone=True), nullable=True),
     Index("ix_roster_course_id", "course_id"),
 )
 
@@ -47,15 +51,32 @@ students = Table(
     Column("enrollments", Integer, nullable=False),
 )
 
-# The primary key (scope, birth_date) is the index every metric query and update uses.
+# Students per birth date per scope: the earliest and latest rows give the oldest and
+# youngest ages (index seeks on the primary key), and removals find the next ones.
 age_buckets = Table(
     "age_buckets",
     metadata,
     Column("scope", String, primary_key=True),
     Column("birth_date", Date, primary_key=True),
-    Column("birth_year", Integer, nullable=False),
-    Column("birth_month", Integer, nullable=False),
-    Column("birth_day", Integer, nullable=False),
-    # BigInteger so that students * birth_year cannot overflow in the sums.
     Column("students", BigInteger, nullable=False),
+)
+
+# Students per birthday (month, day) per scope, at most 366 rows: how many have not yet
+# had their birthday by a given day of the year.
+birthday_buckets = Table(
+    "birthday_buckets",
+    metadata,
+    Column("scope", String, primary_key=True),
+    Column("birth_month", Integer, primary_key=True),
+    Column("birth_day", Integer, primary_key=True),
+    Column("students", BigInteger, nullable=False),
+)
+
+# One row per scope: the student count and the sum of their birth years.
+age_totals = Table(
+    "age_totals",
+    metadata,
+    Column("scope", String, primary_key=True),
+    Column("students", BigInteger, nullable=False),
+    Column("birth_year_total", BigInteger, nullable=False),
 )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import date, timezone
+from datetime import date, datetime, timezone
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Table, bindparam, delete, update
@@ -25,7 +25,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from coursesignup.events.v1 import events_pb2
 from libs.consumer import StreamRecord, decode_or_dead_letter
 from libs.envelope import MalformedRecord, decode_envelope
-from services.stats.adapters.tables import age_buckets, campus_students, roster, students
+from services.stats.adapters.tables import (
+    age_buckets,
+    age_totals,
+    birthday_buckets,
+    campus_students,
+    roster,
+    students,
+)
 from services.stats.domain.model import OVERALL_SCOPE, StudentEnrolled, campus_scope, course_scope
 
 log = logging.getLogger(__name__)
@@ -88,12 +95,12 @@ def add_enrollments(conn: Connection, events: Iterable[StudentEnrolled]) -> int:
     first_seen: dict[str, StudentEnrolled] = {}
     for event in events:
         first_seen.setdefault(event.registration_id, event)
-    inserted: set[str] = set()
-    for chunk in _chunks(sorted(first_seen)):
-        statement = _insert(conn, roster).values([_roster_row(first_seen[rid]) for rid in chunk])
-        statement = statement.on_conflict_do_nothing(index_elements=["registration_id"])
-        inserted.update(conn.execute(statement.returning(roster.c.registration_id)).scalars())
-    fresh = list(events) if False else list(first_seen.values())
+    if not first_seen:
+        return 0
+    statement = _insert(conn, roster).on_conflict_do_nothing(index_elements=["registration_id"])
+    inserted = set(conn.execute(statement.returning(roster.c.registration_id),
+                                [_roster_row(first_seen[rid]) for rid in sorted(first_seen)]).scalars())
+    fresh = [event for rid, event in first_seen.items() if rid in inserted]
     if not fresh:
         return 0
 
@@ -108,18 +115,23 @@ def add_enrollments(conn: Connection, events: Iterable[StudentEnrolled]) -> int:
         deltas[(campus_scope(campus_id), birth_date)] += 1
     for _key, birth_date in _join(conn, students, ("email",), overall_additions):
         deltas[(OVERALL_SCOPE, birth_date)] += 1
-    _apply_bucket_deltas(conn, deltas)
+    _apply_age_deltas(conn, deltas)
     return len(fresh)
 
 
-def remove_enrollments(conn: Connection, registration_ids: Iterable[str]) -> int:
-    """Takes enrollments out of the roster and every scope; returns how many were there."""
+def remove_enrollments(conn: Connection, registration_ids: Iterable[str], removed_time: datetime) -> int:
+    """Takes enrollments out of every scope; returns how many were counted until now.
+
+    The roster rows stay, marked removed: a redelivered enrollment then still finds its
+    row and changes nothing, and a redelivered removal finds it already removed.
+    """
     removed: list[Any] = []
     for chunk in _chunks(sorted(set(registration_ids))):
         removed.extend(
             conn.execute(
-                delete(roster)
-                .where(roster.c.registration_id.in_(chunk))
+                update(roster)
+                .where(roster.c.registration_id.in_(chunk), roster.c.removed_time.is_(None))
+                .values(removed_time=removed_time)
                 .returning(roster.c.course_id, roster.c.campus_id, roster.c.email, roster.c.birth_date)
             ).all()
         )
@@ -132,7 +144,7 @@ def remove_enrollments(conn: Connection, registration_ids: Iterable[str]) -> int
     overall_losses = Counter((row.email,) for row in removed)
     for _key, birth_date in _leave(conn, students, ("email",), overall_losses):
         deltas[(OVERALL_SCOPE, birth_date)] -= 1
-    _apply_bucket_deltas(conn, deltas)
+    _apply_age_deltas(conn, deltas)
     return len(removed)
 
 
@@ -148,22 +160,23 @@ def _join(
     conn: Connection, table: Table, key_columns: Sequence[str], additions: Mapping[Key, tuple[date, int]]
 ) -> list[tuple[Key, date]]:
     """Adds enrollments to the members of a scope; returns the students who were not members."""
+    if not additions:
+        return []
+    statement = _insert(conn, table)
+    statement = statement.on_conflict_do_update(
+        index_elements=list(key_columns),
+        set_={"enrollments": table.c.enrollments + statement.excluded.enrollments},
+    ).returning(*(table.c[name] for name in key_columns), table.c.birth_date, table.c.enrollments)
+    rows = [
+        {**dict(zip(key_columns, key)), "birth_date": additions[key][0], "enrollments": additions[key][1]}
+        for key in sorted(additions)
+    ]
     joined = []
-    for chunk in _chunks(sorted(additions)):
-        rows = [
-            {**dict(zip(key_columns, key)), "birth_date": additions[key][0], "enrollments": additions[key][1]}
-            for key in chunk
-        ]
-        statement = _insert(conn, table).values(rows)
-        statement = statement.on_conflict_do_update(
-            index_elements=list(key_columns),
-            set_={"enrollments": table.c.enrollments + statement.excluded.enrollments},
-        ).returning(*(table.c[name] for name in key_columns), table.c.birth_date, table.c.enrollments)
-        for row in conn.execute(statement):
-            key = tuple(row[: len(key_columns)])
-            # Members are deleted at zero, so a count equal to what this batch added is a new member.
-            if row.enrollments == additions[key][1]:
-                joined.append((key, row.birth_date))
+    for row in conn.execute(statement, rows):
+        key = tuple(row[: len(key_columns)])
+        # Members are deleted at zero, so a count equal to what this batch added is a new member.
+        if row.enrollments == additions[key][1]:
+            joined.append((key, row.birth_date))
     return joined
 
 
@@ -182,33 +195,60 @@ def _leave(conn: Connection, table: Table, key_columns: Sequence[str], losses: M
     return left
 
 
-# age buckets -------------------------------------------------------------------------
+# age aggregates ----------------------------------------------------------------------
 
 
-def _apply_bucket_deltas(conn: Connection, deltas: Mapping[BucketKey, int]) -> None:
-    gains = sorted((key, n) for key, n in deltas.items() if n > 0)
-    losses = sorted((key, n) for key, n in deltas.items() if n < 0)
-    for chunk in _chunks(gains):
-        statement = _insert(conn, age_buckets).values(
-            [
-                {"scope": scope, "birth_date": birth, "birth_year": birth.year, "birth_month": birth.month,
-                 "birth_day": birth.day, "students": n}
-                for (scope, birth), n in chunk
-            ]
-        )
-        conn.execute(
-            statement.on_conflict_do_update(
-                index_elements=["scope", "birth_date"],
-                set_={"students": age_buckets.c.students + statement.excluded.students},
-            )
-        )
-    if losses:
-        params = [{"b_scope": scope, "b_birth_date": birth, "b_lost": -n} for (scope, birth), n in losses]
-        bucket = (age_buckets.c.scope == bindparam("b_scope")) & (age_buckets.c.birth_date == bindparam("b_birth_date"))
-        conn.execute(update(age_buckets).where(bucket).values(students=age_buckets.c.students - bindparam("b_lost")),
-                     params)
-        conn.execute(delete(age_buckets).where(bucket, age_buckets.c.students <= 0),
-                     [{"b_scope": p["b_scope"], "b_birth_date": p["b_birth_date"]} for p in params])
+def _apply_age_deltas(conn: Connection, deltas: Mapping[BucketKey, int]) -> None:
+    """Adds signed student counts per (scope, birth date) to the three age aggregates.
+
+    Rows are upserted in key order (totals last, so the hottest rows are locked for the
+    shortest time) and deleted when they reach zero.
+    """
+    changed = {key: n for key, n in deltas.items() if n}
+    if not changed:
+        return
+    birthdays: Counter[tuple[str, int, int]] = Counter()
+    totals: dict[str, tuple[int, int]] = {}
+    for (scope, birth), n in changed.items():
+        birthdays[(scope, birth.month, birth.day)] += n
+        count, year_total = totals.get(scope, (0, 0))
+        totals[scope] = (count + n, year_total + n * birth.year)
+    updates = [
+        (age_buckets, ("scope", "birth_date"),
+         [{"scope": scope, "birth_date": birth, "students": n} for (scope, birth), n in changed.items()]),
+        (birthday_buckets, ("scope", "birth_month", "birth_day"),
+         [{"scope": scope, "birth_month": month, "birth_day": day, "students": n}
+          for (scope, month, day), n in birthdays.items() if n]),
+        (age_totals, ("scope",),
+         [{"scope": scope, "students": n, "birth_year_total": year_total}
+          for scope, (n, year_total) in totals.items() if n or year_total]),
+    ]
+    for table, key_columns, rows in updates:
+        _add_to_rows(conn, table, key_columns, rows)
+    if any(n < 0 for n in changed.values()):
+        for table, key_columns, rows in updates:
+            _delete_empty_rows(conn, table, key_columns, rows)
+
+
+def _add_to_rows(conn: Connection, table: Table, key_columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
+    """Adds each row's counts to the stored row with its key, creating the row if missing."""
+    if not rows:
+        return
+    summed = [name for name in table.c.keys() if name not in key_columns]
+    statement = _insert(conn, table)
+    statement = statement.on_conflict_do_update(
+        index_elements=list(key_columns),
+        set_={name: table.c[name] + statement.excluded[name] for name in summed},
+    )
+    conn.execute(statement, sorted(rows, key=lambda row: tuple(row[name] for name in key_columns)))
+
+
+def _delete_empty_rows(conn: Connection, table: Table, key_columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    match = [table.c[name] == bindparam(f"k_{name}") for name in key_columns]
+    conn.execute(delete(table).where(*match, table.c.students <= 0),
+                 [{f"k_{name}": row[name] for name in key_columns} for row in rows])
 
 
 # helpers -----------------------------------------------------------------------------

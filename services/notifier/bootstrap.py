@@ -1,0 +1,132 @@
+"""Wires the notifier: settings, database, Kinesis consumer, SMTP pool, sender, gRPC API.
+
+`build_hooks` gives the shared server bootstrap (libs.grpc_server) what it needs:
+start-up creates the tables, waits for Kinesis, makes sure the notifications stream
+exists, starts the sender and the stream consumer, and returns once the consumer
+holds its leases; shutdown stops the consumer (it finishes and checkpoints its
+batch), lets the sender finish sends in flight briefly, and closes SMTP connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from coursesignup.notifier.v1 import notifier_pb2_grpc
+from sqlalchemy import Engine
+
+from libs import consumer as consumer_lib
+from libs.config import NotifierSettings
+from libs.db import make_engine
+from libs.grpc_server import ServiceHooks, run
+from libs.kinesis import NOTIFICATIONS_STREAM, ensure_stream, kinesis_client, wait_for_kinesis
+from libs.logs import configure_logging
+from services.notifier.adapters import repository
+from services.notifier.adapters.repository import NotificationStore
+from services.notifier.adapters.smtp import SmtpMailer
+from services.notifier.adapters.templates import TemplateRenderer
+from services.notifier.entrypoints import stream
+from services.notifier.entrypoints.grpc_api import SERVICE_NAME, NotifierServicer
+from services.notifier.service_layer.handlers import message_composer
+from services.notifier.service_layer.sender import Sender
+
+log = logging.getLogger(__name__)
+
+# How long shutdown waits for emails already being sent.
+SEND_GRACE_SECONDS = 5.0
+
+
+class Notifier:
+    """The running parts of one notifier process."""
+
+    def __init__(self, settings: NotifierSettings) -> None:
+        self.settings = settings
+        self.engine: Engine | None = None
+        self.store: NotificationStore | None = None
+        self.consumer: consumer_lib.StreamConsumer | None = None
+        self.sender: Sender | None = None
+        self.mailer: SmtpMailer | None = None
+
+    def register(self, server: grpc.aio.Server) -> None:
+        notifier_pb2_grpc.add_NotifierServiceServicer_to_server(NotifierServicer(lambda: self.store), server)
+
+    async def start(self) -> None:
+        settings = self.settings
+        engine = self.engine = make_engine(settings.notifier_database_url)
+
+        def create_tables() -> None:
+            repository.create_tables(engine)
+            consumer_lib.metadata.create_all(engine)
+
+        await asyncio.to_thread(create_tables)
+        self.store = NotificationStore(engine)
+
+        kinesis = kinesis_client(settings.aws_region)
+        await asyncio.to_thread(wait_for_kinesis, kinesis)
+        stream_name = settings.stream_name(NOTIFICATIONS_STREAM)
+        await asyncio.to_thread(ensure_stream, kinesis, stream_name, settings.kinesis_shard_count)
+
+        self.mailer = SmtpMailer(
+            host=settings.smtp_host,
+            port=settings.smtp_port,
+            mail_from=settings.mail_from,
+            username=settings.smtp_username,
+            password=settings.smtp_password,
+            starttls=settings.smtp_starttls,
+            timeout_seconds=settings.smtp_timeout_seconds,
+            max_connections=settings.smtp_max_connections,
+        )
+        self.sender = Sender(
+            store=self.store,
+            mailer=self.mailer,
+            compose=message_composer(TemplateRenderer(), settings.mail_from),
+            send_timeout_seconds=settings.smtp_timeout_seconds,
+        )
+        self.sender.start()
+
+        self.consumer = consumer_lib.StreamConsumer(
+            engine=engine,
+            kinesis=kinesis,
+            stream_name=stream_name,
+            handler=stream.handle_batch,
+            worker_id=settings.worker_id,
+            lease_seconds=settings.lease_seconds,
+            on_commit=self.sender.wake_threadsafe,
+        )
+        await asyncio.to_thread(self.consumer.start)
+        # Polled rather than waited in a thread, so a shutdown during start-up is not stuck.
+        while not self.consumer.ready.is_set():
+            await asyncio.sleep(0.05)
+        log.info("notifier started", extra={"stream": stream_name,
+                                            "smtp": f"{settings.smtp_host}:{settings.smtp_port}"})
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            await asyncio.to_thread(self.consumer.stop)
+        if self.sender is not None:
+            await self.sender.stop(min(SEND_GRACE_SECONDS, self.settings.shutdown_grace_seconds))
+        if self.mailer is not None:
+            await self.mailer.close()
+        if self.engine is not None:
+            self.engine.dispose()
+
+
+def build_hooks(settings: NotifierSettings) -> ServiceHooks:
+    notifier = Notifier(settings)
+    return ServiceHooks(
+        name="notifier",
+        port=settings.notifier_port,
+        bind_host=settings.bind_host,
+        register=notifier.register,
+        service_names=[SERVICE_NAME],
+        start=notifier.start,
+        stop=notifier.stop,
+        grace_seconds=settings.shutdown_grace_seconds,
+    )
+
+
+def main() -> None:
+    settings = NotifierSettings()
+    configure_logging("notifier", settings.log_level)
+    run(build_hooks(settings))

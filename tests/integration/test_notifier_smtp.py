@@ -1,0 +1,191 @@
+"""The notifier's SMTP pool against real aiosmtpd servers: reuse, STARTTLS + AUTH, SMTPUTF8."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from services.notifier.adapters.smtp import SmtpMailer
+from services.notifier.adapters.templates import TemplateRenderer
+from services.notifier.domain.messages import compose_message, validate_recipient
+from services.notifier.domain.model import (
+    Notification,
+    NotificationKind,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
+from tests.helpers import free_port
+
+MAIL_FROM = "Course Sign-up <no-reply@course-signup.example>"
+
+
+class CountingHandler:
+    """Records deliveries with their MAIL options, and how many sessions said EHLO."""
+
+    def __init__(self) -> None:
+        self.greetings = 0
+        self.deliveries: list[tuple[list[str], list[str]]] = []
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        self.greetings += 1
+        session.host_name = hostname
+        return responses
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.deliveries.append((list(envelope.rcpt_tos), list(envelope.mail_options)))
+        return "250 OK"
+
+
+def _message(recipient: str) -> Any:
+    notification = Notification("reg-1", NotificationKind.ENROLLED, recipient, "pt-BR", "João", "c1", "Física")
+    return compose_message(TemplateRenderer().render(notification), mail_from=MAIL_FROM,
+                           recipient=validate_recipient(recipient))
+
+
+def _mailer(port: int, **options: Any) -> SmtpMailer:
+    return SmtpMailer(host="127.0.0.1", port=port, mail_from=MAIL_FROM, timeout_seconds=5, **options)
+
+
+def _server(handler: CountingHandler, **options: Any) -> tuple[Controller, int]:
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port, **options)
+    controller.start()
+    return controller, port
+
+
+@pytest.fixture
+def certificate(tmp_path: pathlib.Path) -> Iterator[tuple[pathlib.Path, pathlib.Path]]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    yield cert, key
+
+
+def test_many_messages_share_a_few_reused_connections() -> None:
+    handler = CountingHandler()
+    controller, port = _server(handler)
+
+    async def send_all() -> None:
+        mailer = _mailer(port, max_connections=2)
+        await asyncio.gather(*(mailer.send(_message(f"s{i}@example.com"), f"s{i}@example.com")
+                               for i in range(30)))
+        await mailer.close()
+
+    try:
+        asyncio.run(send_all())
+    finally:
+        controller.stop()
+    assert len(handler.deliveries) == 30
+    assert handler.greetings <= 2
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_transparently() -> None:
+    handler = CountingHandler()
+    controller, port = _server(handler, timeout=0.3)
+
+    async def send_twice() -> None:
+        mailer = _mailer(port, max_connections=1)
+        await mailer.send(_message("a@example.com"), "a@example.com")
+        await asyncio.sleep(0.8)  # the server's idle timeout closes the pooled connection
+        await mailer.send(_message("b@example.com"), "b@example.com")
+        await mailer.close()
+
+    try:
+        asyncio.run(send_twice())
+    finally:
+        controller.stop()
+    assert [rcpts for rcpts, _ in handler.deliveries] == [["a@example.com"], ["b@example.com"]]
+    assert handler.greetings == 2
+
+
+def test_starttls_and_auth_are_used_when_configured(certificate: tuple[pathlib.Path, pathlib.Path]) -> None:
+    cert, key = certificate
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    client_tls = ssl.create_default_context(cafile=str(cert))
+    logins: list[bytes] = []
+
+    def authenticate(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        assert session.ssl is not None, "AUTH only after STARTTLS"
+        ok = isinstance(data, LoginPassword) and (data.login, data.password) == (b"mailer", b"s3cret")
+        logins.append(data.login)
+        return AuthResult(success=ok, handled=False)
+
+    handler = CountingHandler()
+    controller, port = _server(handler, tls_context=server_tls, require_starttls=True, auth_required=True,
+                               auth_require_tls=True, authenticator=authenticate)
+
+    async def send(password: str) -> None:
+        mailer = _mailer(port, starttls=True, username="mailer", password=password, tls_context=client_tls)
+        try:
+            await mailer.send(_message("ana@example.com"), "ana@example.com")
+        finally:
+            await mailer.close()
+
+    try:
+        asyncio.run(send("s3cret"))
+        assert [rcpts for rcpts, _ in handler.deliveries] == [["ana@example.com"]]
+        # Bad credentials are an operator's problem: retried, not the message's permanent failure.
+        with pytest.raises(TransientDeliveryError, match="authentication"):
+            asyncio.run(send("wrong"))
+        assert len(handler.deliveries) == 1
+        # Without STARTTLS this server refuses the mail.
+        with pytest.raises((TransientDeliveryError, PermanentDeliveryError)):
+            asyncio.run(_send_plain(port))
+    finally:
+        controller.stop()
+    assert set(logins) == {b"mailer"} and len(logins) >= 2
+
+
+async def _send_plain(port: int) -> None:
+    mailer = _mailer(port)
+    try:
+        await mailer.send(_message("ana@example.com"), "ana@example.com")
+    finally:
+        await mailer.close()
+
+
+def test_internationalized_address_goes_out_with_smtputf8() -> None:
+    handler = CountingHandler()
+    controller, port = _server(handler, enable_SMTPUTF8=True)
+    try:
+        asyncio.run(_send_one(port, "joão@exemplo.com.br"))
+    finally:
+        controller.stop()
+    ((recipients, options),) = handler.deliveries
+    assert recipients == ["joão@exemplo.com.br"]
+    assert "SMTPUTF8" in [option.upper() for option in options]
+
+
+def test_internationalized_address_fails_permanently_on_a_server_without_smtputf8() -> None:
+    handler = CountingHandler()
+    controller, port = _server(handler, enable_SMTPUTF8=False)
+    try:
+        with pytest.raises(PermanentDeliveryError, match="SMTPUTF8"):
+            asyncio.run(_send_one(port, "joão@exemplo.com.br"))
+    finally:
+        controller.stop()
+    assert handler.deliveries == []
+
+
+async def _send_one(port: int, recipient: str) -> None:
+    mailer = _mailer(port)
+    started = time.monotonic()
+    try:
+        await mailer.send(_message(recipient), recipient)
+    finally:
+        await mailer.close()
+    assert time.monotonic() - started < 5
