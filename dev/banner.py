@@ -10,6 +10,8 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dev.ports import listening
+
 SERVICES = [
     ("registration", int(os.environ.get("REGISTRATION_PORT", 50051))),
     ("enrollment", int(os.environ.get("ENROLLMENT_PORT", 50052))),
@@ -19,6 +21,8 @@ SERVICES = [
 
 
 def serving(port: int) -> bool:
+    if not listening(port):
+        return False
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 import sqlalchemy
 
+from dev.ports import listening
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -30,7 +32,7 @@ def free_port() -> int:
 def wait_for_port(port: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        if listening(port):
             return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
@@ -111,6 +113,7 @@ def serve_in_thread(hooks: "ServiceHooks", timeout: float = 60.0) -> Iterator[No
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
+    wait_for_port(hooks.port, timeout)
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(f"127.0.0.1:{hooks.port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)

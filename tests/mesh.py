@@ -21,6 +21,7 @@ import grpc
 from aiosmtpd.controller import Controller
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dev.ports import listening
 from tests import helpers
 
 SERVICES = ("registration", "enrollment", "stats", "notifier")
@@ -87,6 +88,11 @@ class Mesh:
     def wait_healthy(self, services: tuple[str, ...] = SERVICES, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         for service in services:
+            while not listening(self.ports[service]):
+                process = self.processes.get(service)
+                if (process and process.poll() is not None) or time.monotonic() > deadline:
+                    raise AssertionError(f"{service} does not listen: {self.log_tail(service)}")
+                time.sleep(0.1)
             with grpc.insecure_channel(self.target(service)) as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
                 while True:

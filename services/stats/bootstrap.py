@@ -93,7 +93,9 @@ def build_hooks(settings: StatsSettings) -> ServiceHooks:
     runtime = StatsRuntime(settings)
 
     def register(server: grpc.aio.Server) -> None:
-        stats_pb2_grpc.add_StatsServiceServicer_to_server(StatsServicer(runtime.read_engine), server)
+        stats_pb2_grpc.add_StatsServiceServicer_to_server(
+            StatsServicer(runtime.read_engine), server
+        )
 
     async def start() -> None:
         await asyncio.to_thread(runtime.start)

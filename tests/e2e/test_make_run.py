@@ -6,7 +6,6 @@ import contextlib
 import datetime as dt
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,18 +16,13 @@ from coursesignup.registration.v1 import registration_pb2 as R
 from coursesignup.registration.v1 import registration_pb2_grpc
 from google.type import date_pb2
 
+from dev.ports import listening
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.e2e
 
 PORTS = {"registration": 50051, "enrollment": 50052, "stats": 50053, "notifier": 50054,
          "kinesis": 4567, "smtp": 1025}
-
-
-def listening(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-        return True
-    return False
 
 
 @contextlib.contextmanager
@@ -41,7 +35,7 @@ def make_run(output: list[str]) -> Iterator[subprocess.Popen[str]]:
         deadline = time.monotonic() + 180
         assert process.stdout is not None
         os.set_blocking(process.stdout.fileno(), False)
-        while not any("course-signup is running" in line for line in output):
+        while not any("RegistrationService/Register" in line for line in output):
             if time.monotonic() > deadline or process.poll() is not None:
                 raise AssertionError("make run did not come up:\n" + "".join(output[-60:]))
             chunk = process.stdout.readline()
@@ -52,8 +46,12 @@ def make_run(output: list[str]) -> Iterator[subprocess.Popen[str]]:
         yield process
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            os.killpg(process.pid, signal.SIGINT)  # honcho stops what it started
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 def ctrl_c(process: subprocess.Popen[str]) -> float:

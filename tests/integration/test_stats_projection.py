@@ -24,7 +24,13 @@ from services.stats.service_layer.projection import add_enrollments, remove_enro
 from services.stats.service_layer.views import age_metrics
 
 COURSES = {"cs101": "north", "cs102": "north", "ma201": "north", "bio1": "south", "art9": "south"}
-AS_OF_DAYS = [date(2025, 2, 28), date(2025, 3, 1), date(2024, 2, 28), date(2024, 2, 29), date(2026, 11, 5)]
+AS_OF_DAYS = [
+    date(2025, 2, 28),
+    date(2025, 3, 1),
+    date(2024, 2, 28),
+    date(2024, 2, 29),
+    date(2026, 11, 5),
+]
 
 
 @pytest.fixture
@@ -38,29 +44,48 @@ def engine(database_url):
 def _people(rng: random.Random, count: int) -> list[tuple[str, date]]:
     people = []
     for number in range(count):
-        birth = date(2000, 2, 29) if number % 9 == 0 else date(1950, 1, 1) + timedelta(days=rng.randrange(20000))
+        birth = (
+            date(2000, 2, 29)
+            if number % 9 == 0
+            else date(1950, 1, 1) + timedelta(days=rng.randrange(20000))
+        )
         people.append((f"student{number}@example.org", birth))
     return people
 
 
-def _enrollments(rng: random.Random, people: list[tuple[str, date]], count: int) -> list[StudentEnrolled]:
+def _enrollments(
+    rng: random.Random, people: list[tuple[str, date]], count: int
+) -> list[StudentEnrolled]:
     events = []
     for number in range(count):
         email, birth = rng.choice(people)
         course_id = rng.choice(sorted(COURSES))
-        events.append(StudentEnrolled(
-            registration_id=f"r{number}", course_id=course_id, campus_id=COURSES[course_id], email=email,
-            name=f"Student {number}", birth_date=birth, enroll_time=datetime(2025, 1, 1, tzinfo=timezone.utc),
-        ))
+        events.append(
+            StudentEnrolled(
+                registration_id=f"r{number}",
+                course_id=course_id,
+                campus_id=COURSES[course_id],
+                email=email,
+                name=f"Student {number}",
+                birth_date=birth,
+                enroll_time=datetime(2025, 1, 1, tzinfo=timezone.utc),
+            )
+        )
     return events
 
 
-def _brute_force(enrolled: list[StudentEnrolled], as_of: date) -> dict[str, tuple[int, int, int, float]]:
+def _brute_force(
+    enrolled: list[StudentEnrolled], as_of: date
+) -> dict[str, tuple[int, int, int, float]]:
     """Figures per scope recomputed from the list of enrollments, one student at a time."""
     members: dict[str, dict[str, date]] = {}
     for event in enrolled:
-        members.setdefault(course_scope(event.course_id), {})[event.registration_id] = event.birth_date
-        members.setdefault(campus_scope(event.campus_id), {}).setdefault(event.email, event.birth_date)
+        members.setdefault(course_scope(event.course_id), {})[event.registration_id] = (
+            event.birth_date
+        )
+        members.setdefault(campus_scope(event.campus_id), {}).setdefault(
+            event.email, event.birth_date
+        )
         members.setdefault(OVERALL_SCOPE, {}).setdefault(event.email, event.birth_date)
     figures = {}
     for scope, births in members.items():
@@ -70,8 +95,11 @@ def _brute_force(enrolled: list[StudentEnrolled], as_of: date) -> dict[str, tupl
 
 
 def _assert_exact(engine, enrolled: list[StudentEnrolled]) -> None:
-    scopes = ([course_scope(c) for c in COURSES] + [campus_scope(c) for c in set(COURSES.values())]
-              + [OVERALL_SCOPE])
+    scopes = (
+        [course_scope(c) for c in COURSES]
+        + [campus_scope(c) for c in set(COURSES.values())]
+        + [OVERALL_SCOPE]
+    )
     for as_of in AS_OF_DAYS:
         expected = _brute_force(enrolled, as_of)
         for scope in scopes:
@@ -101,8 +129,15 @@ def test_statistics_equal_a_brute_force_recomputation_and_redelivery_changes_not
 def test_a_student_in_two_courses_of_a_campus_counts_once_there_and_once_overall(engine):
     born = date(2001, 5, 20)
     events = [
-        StudentEnrolled(f"r{n}", course, COURSES[course], "ana@example.org", "Ana", born,
-                        datetime(2025, 1, 1, tzinfo=timezone.utc))
+        StudentEnrolled(
+            f"r{n}",
+            course,
+            COURSES[course],
+            "ana@example.org",
+            "Ana",
+            born,
+            datetime(2025, 1, 1, tzinfo=timezone.utc),
+        )
         for n, course in enumerate(["cs101", "cs102", "bio1"])
     ]
     with engine.begin() as conn:
@@ -138,5 +173,7 @@ def test_removing_enrollments_brings_every_figure_back_and_redelivery_does_not_u
     _assert_exact(engine, [])
     with engine.connect() as conn:
         for table in (age_buckets, birthday_buckets, age_totals, campus_students, students):
-            assert conn.execute(select(func.count()).select_from(table)).scalar_one() == 0, table.name
+            assert conn.execute(select(func.count()).select_from(table)).scalar_one() == 0, (
+                table.name
+            )
         assert conn.execute(select(func.count()).select_from(roster)).scalar_one() == 300

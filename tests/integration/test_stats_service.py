@@ -57,9 +57,13 @@ async def running_stats_service(settings: StatsSettings) -> AsyncIterator[grpc.a
         health = health_pb2_grpc.HealthStub(channel)
         for _ in range(300):
             if server.done():
-                raise AssertionError("the stats service stopped during start-up") from server.exception()
+                raise AssertionError(
+                    "the stats service stopped during start-up"
+                ) from server.exception()
             with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1)
+                reply = await health.Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1
+                )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     break
             await asyncio.sleep(0.1)
@@ -78,10 +82,15 @@ def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     return stamp
 
 
-def _enrolled(registration_id: str, course_id: str, email: str, birth: date) -> events_pb2.StudentEnrolled:
+def _enrolled(
+    registration_id: str, course_id: str, email: str, birth: date
+) -> events_pb2.StudentEnrolled:
     return events_pb2.StudentEnrolled(
-        registration_id=registration_id, course_id=course_id, campus_id=COURSES[course_id],
-        name="Student " + email.split("@")[0], email=email,
+        registration_id=registration_id,
+        course_id=course_id,
+        campus_id=COURSES[course_id],
+        name="Student " + email.split("@")[0],
+        email=email,
         birth_date=date_pb2.Date(year=birth.year, month=birth.month, day=birth.day),
         enroll_time=_timestamp(datetime(2025, 1, 10, tzinfo=timezone.utc)),
     )
@@ -89,8 +98,13 @@ def _enrolled(registration_id: str, course_id: str, email: str, birth: date) -> 
 
 def _enrollment_events(rng: random.Random) -> list[events_pb2.StudentEnrolled]:
     """Distinct enrollments: some students in two courses of one campus, some in both campuses."""
-    people = [(f"student{n}@example.org", FEB_29_BORN if n % 7 == 0 else
-               date(1960, 1, 1) + timedelta(days=rng.randrange(16000))) for n in range(14)]
+    people = [
+        (
+            f"student{n}@example.org",
+            FEB_29_BORN if n % 7 == 0 else date(1960, 1, 1) + timedelta(days=rng.randrange(16000)),
+        )
+        for n in range(14)
+    ]
     events = []
     for email, birth in people:
         for course_id in rng.sample(sorted(COURSES), rng.randint(1, 3)):
@@ -117,12 +131,21 @@ def _brute_force(events: list[events_pb2.StudentEnrolled], as_of: date) -> dict[
 async def _figures(channel: grpc.aio.Channel, as_of: date) -> dict[str, tuple]:
     stub = stats_pb2_grpc.StatsServiceStub(channel)
     when = date_pb2.Date(year=as_of.year, month=as_of.month, day=as_of.day)
-    replies = [await stub.GetCourseStats(stats_pb2.GetCourseStatsRequest(course_id=c, as_of=when)) for c in COURSES]
-    replies += [await stub.GetCampusStats(stats_pb2.GetCampusStatsRequest(campus_id=c, as_of=when))
-                for c in sorted(set(COURSES.values()))]
+    replies = [
+        await stub.GetCourseStats(stats_pb2.GetCourseStatsRequest(course_id=c, as_of=when))
+        for c in COURSES
+    ]
+    replies += [
+        await stub.GetCampusStats(stats_pb2.GetCampusStatsRequest(campus_id=c, as_of=when))
+        for c in sorted(set(COURSES.values()))
+    ]
     replies.append(await stub.GetOverallStats(stats_pb2.GetOverallStatsRequest(as_of=when)))
     for reply in replies:
-        assert (reply.as_of.year, reply.as_of.month, reply.as_of.day) == (as_of.year, as_of.month, as_of.day)
+        assert (reply.as_of.year, reply.as_of.month, reply.as_of.day) == (
+            as_of.year,
+            as_of.month,
+            as_of.day,
+        )
     return {r.scope: (r.student_count, r.min_age, r.max_age, r.average_age) for r in replies}
 
 
@@ -147,25 +170,50 @@ def _markers(round_number: int) -> list[OutgoingRecord]:
     return [OutgoingRecord(course_id, b"\x00marker %d" % round_number) for course_id in COURSES]
 
 
-def test_figures_equal_a_brute_force_recount_despite_redelivered_and_malformed_records(settings, database_url):
+def test_figures_equal_a_brute_force_recount_despite_redelivered_and_malformed_records(
+    settings, database_url
+):
     rng = random.Random(42)
     events = _enrollment_events(rng)
     north = [e for e in events if e.campus_id == "north"]
-    assert len({e.email for e in north}) < len(north), "some student should take two courses on one campus"
-    records = [OutgoingRecord(e.course_id, new_envelope(e.registration_id, student_enrolled=e).SerializeToString())
-               for e in events]
+    assert len({e.email for e in north}) < len(north), (
+        "some student should take two courses on one campus"
+    )
+    records = [
+        OutgoingRecord(
+            e.course_id, new_envelope(e.registration_id, student_enrolled=e).SerializeToString()
+        )
+        for e in events
+    ]
     first_batch = [*records, records[0]]  # the outbox published one event twice
-    declined = events_pb2.RegistrationDeclined(registration_id="reg-declined", course_id="cs101", campus_id="north",
-                                               reason=events_pb2.DECLINE_REASON_FULL)
-    first_batch.append(OutgoingRecord("cs101", new_envelope("reg-declined", registration_declined=declined)
-                                      .SerializeToString()))
+    declined = events_pb2.RegistrationDeclined(
+        registration_id="reg-declined",
+        course_id="cs101",
+        campus_id="north",
+        reason=events_pb2.DECLINE_REASON_FULL,
+    )
+    first_batch.append(
+        OutgoingRecord(
+            "cs101",
+            new_envelope("reg-declined", registration_declined=declined).SerializeToString(),
+        )
+    )
     impossible_birthday = _enrolled("reg-bad-date", "cs102", "bad@example.org", date(2000, 1, 1))
     impossible_birthday.birth_date.month = 13
-    first_batch.append(OutgoingRecord("cs102", new_envelope("reg-bad-date", student_enrolled=impossible_birthday)
-                                      .SerializeToString()))
+    first_batch.append(
+        OutgoingRecord(
+            "cs102",
+            new_envelope("reg-bad-date", student_enrolled=impossible_birthday).SerializeToString(),
+        )
+    )
     # Later, long after they were applied: the same records again, and one event in a new envelope.
-    redelivered = [*records[3:9], OutgoingRecord(events[1].course_id, new_envelope(
-        events[1].registration_id, student_enrolled=events[1]).SerializeToString())]
+    redelivered = [
+        *records[3:9],
+        OutgoingRecord(
+            events[1].course_id,
+            new_envelope(events[1].registration_id, student_enrolled=events[1]).SerializeToString(),
+        ),
+    ]
     days = (date(2025, 2, 28), date(2025, 3, 1), date(2024, 2, 29), date(2031, 7, 4))
 
     async def scenario() -> None:
@@ -202,22 +250,51 @@ def _violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
 def test_bad_requests_get_invalid_argument_naming_the_field_and_unknown_scopes_get_zeros(settings):
     async def scenario() -> None:
         async with running_stats_service(settings) as channel:
-            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest()
+            )
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             stub = stats_pb2_grpc.StatsServiceStub(channel)
 
             bad_calls = [
                 (stub.GetCourseStats(stats_pb2.GetCourseStatsRequest()), {"course_id"}),
-                (stub.GetCourseStats(stats_pb2.GetCourseStatsRequest(course_id="Intro to CS")), {"course_id"}),
-                (stub.GetCourseStats(stats_pb2.GetCourseStatsRequest(
-                    course_id="cs101", as_of=date_pb2.Date(year=2025, month=13, day=1))), {"as_of"}),
-                (stub.GetCourseStats(stats_pb2.GetCourseStatsRequest(
-                    as_of=date_pb2.Date(year=2024, month=2, day=30))), {"course_id", "as_of"}),
+                (
+                    stub.GetCourseStats(stats_pb2.GetCourseStatsRequest(course_id="Intro to CS")),
+                    {"course_id"},
+                ),
+                (
+                    stub.GetCourseStats(
+                        stats_pb2.GetCourseStatsRequest(
+                            course_id="cs101", as_of=date_pb2.Date(year=2025, month=13, day=1)
+                        )
+                    ),
+                    {"as_of"},
+                ),
+                (
+                    stub.GetCourseStats(
+                        stats_pb2.GetCourseStatsRequest(
+                            as_of=date_pb2.Date(year=2024, month=2, day=30)
+                        )
+                    ),
+                    {"course_id", "as_of"},
+                ),
                 (stub.GetCampusStats(stats_pb2.GetCampusStatsRequest(campus_id="")), {"campus_id"}),
-                (stub.GetOverallStats(stats_pb2.GetOverallStatsRequest(
-                    as_of=date_pb2.Date(year=2023, month=2, day=29))), {"as_of"}),
-                (stub.GetOverallStats(stats_pb2.GetOverallStatsRequest(
-                    as_of=date_pb2.Date(year=0, month=6, day=1))), {"as_of"}),
+                (
+                    stub.GetOverallStats(
+                        stats_pb2.GetOverallStatsRequest(
+                            as_of=date_pb2.Date(year=2023, month=2, day=29)
+                        )
+                    ),
+                    {"as_of"},
+                ),
+                (
+                    stub.GetOverallStats(
+                        stats_pb2.GetOverallStatsRequest(
+                            as_of=date_pb2.Date(year=0, month=6, day=1)
+                        )
+                    ),
+                    {"as_of"},
+                ),
             ]
             for call, fields in bad_calls:
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -226,13 +303,27 @@ def test_bad_requests_get_invalid_argument_naming_the_field_and_unknown_scopes_g
                 assert set(_violations(caught.value)) == fields
 
             before = datetime.now(timezone.utc).date()
-            empty = await stub.GetCourseStats(stats_pb2.GetCourseStatsRequest(course_id="no-such-course"))
+            empty = await stub.GetCourseStats(
+                stats_pb2.GetCourseStatsRequest(course_id="no-such-course")
+            )
             after = datetime.now(timezone.utc).date()
             assert empty.scope == "courses/no-such-course"
-            assert (empty.student_count, empty.min_age, empty.max_age, empty.average_age) == (0, 0, 0, 0.0)
+            assert (empty.student_count, empty.min_age, empty.max_age, empty.average_age) == (
+                0,
+                0,
+                0,
+                0.0,
+            )
             assert date(empty.as_of.year, empty.as_of.month, empty.as_of.day) in {before, after}
-            leap_day = await stub.GetCampusStats(stats_pb2.GetCampusStatsRequest(
-                campus_id="nowhere", as_of=date_pb2.Date(year=2024, month=2, day=29)))
-            assert (leap_day.scope, leap_day.student_count, leap_day.as_of.day) == ("campuses/nowhere", 0, 29)
+            leap_day = await stub.GetCampusStats(
+                stats_pb2.GetCampusStatsRequest(
+                    campus_id="nowhere", as_of=date_pb2.Date(year=2024, month=2, day=29)
+                )
+            )
+            assert (leap_day.scope, leap_day.student_count, leap_day.as_of.day) == (
+                "campuses/nowhere",
+                0,
+                29,
+            )
 
     asyncio.run(scenario())

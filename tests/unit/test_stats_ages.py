@@ -29,7 +29,9 @@ from services.stats.domain.ages import NO_STUDENTS, age_on, metrics_on, tally
         (date(1999, 12, 31), date(2000, 1, 1), 0),
     ],
 )
-def test_age_is_whole_years_with_feb_29_birthdays_turning_on_mar_1_in_common_years(birth_date, as_of, age):
+def test_age_is_whole_years_with_feb_29_birthdays_turning_on_mar_1_in_common_years(
+    birth_date, as_of, age
+):
     assert age_on(birth_date, as_of) == age
 
 
@@ -54,16 +56,29 @@ def _random_birth_date(rng: random.Random) -> date:
     # Feb 29 and the days around any as_of over-represented.
     if rng.random() < 0.15:
         return date(rng.choice([1996, 2000, 2004, 2008]), 2, 29)
-    return date(1940, 1, 1) + timedelta(days=rng.randrange(0, 70 * 365, 7 if rng.random() < 0.5 else 1))
+    return date(1940, 1, 1) + timedelta(
+        days=rng.randrange(0, 70 * 365, 7 if rng.random() < 0.5 else 1)
+    )
 
 
 def test_aggregate_metrics_equal_brute_force_over_every_student():
     rng = random.Random(20240229)
-    interesting_days = [date(2023, 2, 28), date(2023, 3, 1), date(2024, 2, 28), date(2024, 2, 29),
-                        date(2024, 3, 1), date(2024, 12, 31), date(2025, 1, 1)]
+    interesting_days = [
+        date(2023, 2, 28),
+        date(2023, 3, 1),
+        date(2024, 2, 28),
+        date(2024, 2, 29),
+        date(2024, 3, 1),
+        date(2024, 12, 31),
+        date(2025, 1, 1),
+    ]
     for trial in range(300):
         birth_dates = [_random_birth_date(rng) for _ in range(rng.randint(1, 60))]
-        as_of = rng.choice(interesting_days) if trial % 2 else date(2010, 1, 1) + timedelta(days=rng.randrange(6000))
+        as_of = (
+            rng.choice(interesting_days)
+            if trial % 2
+            else date(2010, 1, 1) + timedelta(days=rng.randrange(6000))
+        )
         ages = [age_on(b, as_of) for b in birth_dates]
 
         metrics = metrics_on(tally(Counter(birth_dates), as_of), as_of)
@@ -85,4 +100,9 @@ def test_a_bucket_removed_to_zero_no_longer_decides_the_oldest_age():
     counts = Counter({date(1950, 1, 1): 1, date(2000, 1, 1): 2})
     counts[date(1950, 1, 1)] -= 1
     metrics = metrics_on(tally(counts, as_of), as_of)
-    assert (metrics.student_count, metrics.min_age, metrics.max_age, metrics.average_age) == (2, 24, 24, 24.0)
+    assert (metrics.student_count, metrics.min_age, metrics.max_age, metrics.average_age) == (
+        2,
+        24,
+        24,
+        24.0,
+    )

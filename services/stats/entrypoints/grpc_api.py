@@ -26,7 +26,9 @@ ID_PATTERN = re.compile(r"[a-z0-9-]{1,63}")
 
 
 AgeStatsRequest = (
-    stats_pb2.GetCourseStatsRequest | stats_pb2.GetCampusStatsRequest | stats_pb2.GetOverallStatsRequest
+    stats_pb2.GetCourseStatsRequest
+    | stats_pb2.GetCampusStatsRequest
+    | stats_pb2.GetOverallStatsRequest
 )
 
 
@@ -43,7 +45,9 @@ class StatsServicer(stats_pb2_grpc.StatsServiceServicer):
         _check_id(validator, "course_id", request.course_id)
         as_of = _as_of(validator, request)
         validator.check()
-        return await self._age_stats(f"courses/{request.course_id}", course_scope(request.course_id), as_of)
+        return await self._age_stats(
+            f"courses/{request.course_id}", course_scope(request.course_id), as_of
+        )
 
     async def GetCampusStats(  # noqa: N802 - gRPC method name
         self, request: stats_pb2.GetCampusStatsRequest, context: grpc.aio.ServicerContext
@@ -52,7 +56,9 @@ class StatsServicer(stats_pb2_grpc.StatsServiceServicer):
         _check_id(validator, "campus_id", request.campus_id)
         as_of = _as_of(validator, request)
         validator.check()
-        return await self._age_stats(f"campuses/{request.campus_id}", campus_scope(request.campus_id), as_of)
+        return await self._age_stats(
+            f"campuses/{request.campus_id}", campus_scope(request.campus_id), as_of
+        )
 
     async def GetOverallStats(  # noqa: N802 - gRPC method name
         self, request: stats_pb2.GetOverallStatsRequest, context: grpc.aio.ServicerContext
@@ -92,5 +98,7 @@ def _as_of(validator: Validator, request: AgeStatsRequest) -> date:
     try:
         return date(given.year, given.month, given.day)
     except ValueError:
-        validator.add("as_of", "must be a full calendar date (year 1-9999, month 1-12, a day of that month)")
+        validator.add(
+            "as_of", "must be a full calendar date (year 1-9999, month 1-12, a day of that month)"
+        )
         return today

@@ -5,10 +5,11 @@ row (registration id is the key), and the rows commit together with the shard's
 checkpoint. A record delivered again, or an event the outbox published twice, finds
 its row already there and changes nothing.
 
-Each batch is applied with a handful of set-based statements (multi-row upserts),
-whatever its size. Rows are written in key order so that two workers updating the
-same campus or overall rows lock them in the same order. Removal
-(`remove_enrollments`) is the exact inverse, ready for cancellations.
+Each batch is applied with a handful of upserts, one per table, each sent with
+executemany (which SQLAlchemy turns into multi-row statements), whatever the batch
+size. Rows are written in key order so that two workers updating the same campus or
+overall rows lock them in the same order. Removal (`remove_enrollments`) is the exact
+inverse, ready for cancellations.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from services.stats.domain.model import OVERALL_SCOPE, StudentEnrolled, campus_s
 
 log = logging.getLogger(__name__)
 
-# Rows per multi-row statement: well under SQLite's and PostgreSQL's parameter limits.
-ROWS_PER_STATEMENT = 500
+# Registration ids per IN list: well under SQLite's and PostgreSQL's parameter limits.
+IDS_PER_STATEMENT = 500
 
 Key = tuple[str, ...]
 BucketKey = tuple[str, date]
@@ -63,7 +64,11 @@ def decode_event(data: bytes) -> StudentEnrolled | None:
 
 def _student_enrolled(envelope: events_pb2.Envelope) -> StudentEnrolled:
     event = envelope.student_enrolled
-    missing = [name for name in ("registration_id", "course_id", "campus_id", "email") if not getattr(event, name)]
+    missing = [
+        name
+        for name in ("registration_id", "course_id", "campus_id", "email")
+        if not getattr(event, name)
+    ]
     if missing:
         raise MalformedRecord(f"student_enrolled lacks {', '.join(missing)}")
     try:
@@ -84,10 +89,16 @@ def _student_enrolled(envelope: events_pb2.Envelope) -> StudentEnrolled:
 
 def project_batch(conn: Connection, records: list[StreamRecord]) -> None:
     """The consumer's batch handler: decode, dead-letter what cannot be read, apply the rest."""
-    enrollments = [event for _, event in decode_or_dead_letter(conn, records, decode_event) if event is not None]
+    enrollments = [
+        event
+        for _, event in decode_or_dead_letter(conn, records, decode_event)
+        if event is not None
+    ]
     applied = add_enrollments(conn, enrollments)
-    log.debug("batch projected", extra={"records": len(records), "enrollments": len(enrollments),
-                                        "applied": applied})
+    log.debug(
+        "batch projected",
+        extra={"records": len(records), "enrollments": len(enrollments), "applied": applied},
+    )
 
 
 def add_enrollments(conn: Connection, events: Iterable[StudentEnrolled]) -> int:
@@ -98,8 +109,12 @@ def add_enrollments(conn: Connection, events: Iterable[StudentEnrolled]) -> int:
     if not first_seen:
         return 0
     statement = _insert(conn, roster).on_conflict_do_nothing(index_elements=["registration_id"])
-    inserted = set(conn.execute(statement.returning(roster.c.registration_id),
-                                [_roster_row(first_seen[rid]) for rid in sorted(first_seen)]).scalars())
+    inserted = set(
+        conn.execute(
+            statement.returning(roster.c.registration_id),
+            [_roster_row(first_seen[rid]) for rid in sorted(first_seen)],
+        ).scalars()
+    )
     fresh = [event for rid, event in first_seen.items() if rid in inserted]
     if not fresh:
         return 0
@@ -111,7 +126,9 @@ def add_enrollments(conn: Connection, events: Iterable[StudentEnrolled]) -> int:
         deltas[(course_scope(event.course_id), event.birth_date)] += 1
         _count(campus_additions, (event.campus_id, event.email), event.birth_date)
         _count(overall_additions, (event.email,), event.birth_date)
-    for (campus_id, _email), birth_date in _join(conn, campus_students, ("campus_id", "email"), campus_additions):
+    for (campus_id, _email), birth_date in _join(
+        conn, campus_students, ("campus_id", "email"), campus_additions
+    ):
         deltas[(campus_scope(campus_id), birth_date)] += 1
     for _key, birth_date in _join(conn, students, ("email",), overall_additions):
         deltas[(OVERALL_SCOPE, birth_date)] += 1
@@ -119,7 +136,9 @@ def add_enrollments(conn: Connection, events: Iterable[StudentEnrolled]) -> int:
     return len(fresh)
 
 
-def remove_enrollments(conn: Connection, registration_ids: Iterable[str], removed_time: datetime) -> int:
+def remove_enrollments(
+    conn: Connection, registration_ids: Iterable[str], removed_time: datetime
+) -> int:
     """Takes enrollments out of every scope; returns how many were counted until now.
 
     The roster rows stay, marked removed: a redelivered enrollment then still finds its
@@ -132,14 +151,18 @@ def remove_enrollments(conn: Connection, registration_ids: Iterable[str], remove
                 update(roster)
                 .where(roster.c.registration_id.in_(chunk), roster.c.removed_time.is_(None))
                 .values(removed_time=removed_time)
-                .returning(roster.c.course_id, roster.c.campus_id, roster.c.email, roster.c.birth_date)
+                .returning(
+                    roster.c.course_id, roster.c.campus_id, roster.c.email, roster.c.birth_date
+                )
             ).all()
         )
     deltas: Counter[BucketKey] = Counter()
     for row in removed:
         deltas[(course_scope(row.course_id), row.birth_date)] -= 1
     campus_losses = Counter((row.campus_id, row.email) for row in removed)
-    for (campus_id, _email), birth_date in _leave(conn, campus_students, ("campus_id", "email"), campus_losses):
+    for (campus_id, _email), birth_date in _leave(
+        conn, campus_students, ("campus_id", "email"), campus_losses
+    ):
         deltas[(campus_scope(campus_id), birth_date)] -= 1
     overall_losses = Counter((row.email,) for row in removed)
     for _key, birth_date in _leave(conn, students, ("email",), overall_losses):
@@ -157,7 +180,10 @@ def _count(additions: dict[Key, tuple[date, int]], key: Key, birth_date: date) -
 
 
 def _join(
-    conn: Connection, table: Table, key_columns: Sequence[str], additions: Mapping[Key, tuple[date, int]]
+    conn: Connection,
+    table: Table,
+    key_columns: Sequence[str],
+    additions: Mapping[Key, tuple[date, int]],
 ) -> list[tuple[Key, date]]:
     """Adds enrollments to the members of a scope; returns the students who were not members."""
     if not additions:
@@ -168,7 +194,11 @@ def _join(
         set_={"enrollments": table.c.enrollments + statement.excluded.enrollments},
     ).returning(*(table.c[name] for name in key_columns), table.c.birth_date, table.c.enrollments)
     rows = [
-        {**dict(zip(key_columns, key)), "birth_date": additions[key][0], "enrollments": additions[key][1]}
+        {
+            **dict(zip(key_columns, key, strict=True)),
+            "birth_date": additions[key][0],
+            "enrollments": additions[key][1],
+        }
         for key in sorted(additions)
     ]
     joined = []
@@ -180,13 +210,17 @@ def _join(
     return joined
 
 
-def _leave(conn: Connection, table: Table, key_columns: Sequence[str], losses: Mapping[Key, int]) -> list[tuple[Key, date]]:
-    """Takes enrollments from the members of a scope; returns the students who are no longer members."""
+def _leave(
+    conn: Connection, table: Table, key_columns: Sequence[str], losses: Mapping[Key, int]
+) -> list[tuple[Key, date]]:
+    """Takes enrollments from the members of a scope; returns the students who left it."""
     left = []
     for key in sorted(losses):
-        match = [table.c[name] == value for name, value in zip(key_columns, key)]
+        match = [table.c[name] == value for name, value in zip(key_columns, key, strict=True)]
         row = conn.execute(
-            update(table).where(*match).values(enrollments=table.c.enrollments - losses[key])
+            update(table)
+            .where(*match)
+            .values(enrollments=table.c.enrollments - losses[key])
             .returning(table.c.birth_date, table.c.enrollments)
         ).one_or_none()
         if row is not None and row.enrollments <= 0:
@@ -214,14 +248,32 @@ def _apply_age_deltas(conn: Connection, deltas: Mapping[BucketKey, int]) -> None
         count, year_total = totals.get(scope, (0, 0))
         totals[scope] = (count + n, year_total + n * birth.year)
     updates = [
-        (age_buckets, ("scope", "birth_date"),
-         [{"scope": scope, "birth_date": birth, "students": n} for (scope, birth), n in changed.items()]),
-        (birthday_buckets, ("scope", "birth_month", "birth_day"),
-         [{"scope": scope, "birth_month": month, "birth_day": day, "students": n}
-          for (scope, month, day), n in birthdays.items() if n]),
-        (age_totals, ("scope",),
-         [{"scope": scope, "students": n, "birth_year_total": year_total}
-          for scope, (n, year_total) in totals.items() if n or year_total]),
+        (
+            age_buckets,
+            ("scope", "birth_date"),
+            [
+                {"scope": scope, "birth_date": birth, "students": n}
+                for (scope, birth), n in changed.items()
+            ],
+        ),
+        (
+            birthday_buckets,
+            ("scope", "birth_month", "birth_day"),
+            [
+                {"scope": scope, "birth_month": month, "birth_day": day, "students": n}
+                for (scope, month, day), n in birthdays.items()
+                if n
+            ],
+        ),
+        (
+            age_totals,
+            ("scope",),
+            [
+                {"scope": scope, "students": n, "birth_year_total": year_total}
+                for scope, (n, year_total) in totals.items()
+                if n or year_total
+            ],
+        ),
     ]
     for table, key_columns, rows in updates:
         _add_to_rows(conn, table, key_columns, rows)
@@ -230,11 +282,13 @@ def _apply_age_deltas(conn: Connection, deltas: Mapping[BucketKey, int]) -> None
             _delete_empty_rows(conn, table, key_columns, rows)
 
 
-def _add_to_rows(conn: Connection, table: Table, key_columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
+def _add_to_rows(
+    conn: Connection, table: Table, key_columns: Sequence[str], rows: list[dict[str, Any]]
+) -> None:
     """Adds each row's counts to the stored row with its key, creating the row if missing."""
     if not rows:
         return
-    summed = [name for name in table.c.keys() if name not in key_columns]
+    summed = [column.name for column in table.c if column.name not in key_columns]
     statement = _insert(conn, table)
     statement = statement.on_conflict_do_update(
         index_elements=list(key_columns),
@@ -243,12 +297,16 @@ def _add_to_rows(conn: Connection, table: Table, key_columns: Sequence[str], row
     conn.execute(statement, sorted(rows, key=lambda row: tuple(row[name] for name in key_columns)))
 
 
-def _delete_empty_rows(conn: Connection, table: Table, key_columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
+def _delete_empty_rows(
+    conn: Connection, table: Table, key_columns: Sequence[str], rows: list[dict[str, Any]]
+) -> None:
     if not rows:
         return
     match = [table.c[name] == bindparam(f"k_{name}") for name in key_columns]
-    conn.execute(delete(table).where(*match, table.c.students <= 0),
-                 [{f"k_{name}": row[name] for name in key_columns} for row in rows])
+    conn.execute(
+        delete(table).where(*match, table.c.students <= 0),
+        [{f"k_{name}": row[name] for name in key_columns} for row in rows],
+    )
 
 
 # helpers -----------------------------------------------------------------------------
@@ -276,5 +334,5 @@ def _roster_row(event: StudentEnrolled) -> dict[str, Any]:
 
 
 def _chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
-    for start in range(0, len(items), ROWS_PER_STATEMENT):
-        yield items[start : start + ROWS_PER_STATEMENT]
+    for start in range(0, len(items), IDS_PER_STATEMENT):
+        yield items[start : start + IDS_PER_STATEMENT]

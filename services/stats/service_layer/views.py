@@ -26,9 +26,18 @@ def age_metrics(engine: Engine, scope: str, as_of: date) -> AgeMetrics:
     query = select(
         select(totals.students).where(totals.scope == scope).scalar_subquery(),
         select(totals.birth_year_total).where(totals.scope == scope).scalar_subquery(),
-        select(func.sum(birthdays.students)).where(birthdays.scope == scope, birthday_ahead).scalar_subquery(),
-        select(birth_dates).where(age_buckets.c.scope == scope).order_by(birth_dates).limit(1).scalar_subquery(),
-        select(birth_dates).where(age_buckets.c.scope == scope).order_by(birth_dates.desc()).limit(1)
+        select(func.sum(birthdays.students))
+        .where(birthdays.scope == scope, birthday_ahead)
+        .scalar_subquery(),
+        select(birth_dates)
+        .where(age_buckets.c.scope == scope, age_buckets.c.students > 0)
+        .order_by(birth_dates)
+        .limit(1)
+        .scalar_subquery(),
+        select(birth_dates)
+        .where(age_buckets.c.scope == scope, age_buckets.c.students > 0)
+        .order_by(birth_dates.desc())
+        .limit(1)
         .scalar_subquery(),
     )
     with engine.connect() as conn:
