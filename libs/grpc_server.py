@@ -11,13 +11,15 @@ e.g. consumers finish their batch and checkpoint).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -81,7 +83,8 @@ class ServiceHooks:
     grace_seconds: float = 5.0
 
 
-async def serve(hooks: ServiceHooks, stop_event: asyncio.Event | None = None) -> None:
+async def serve(hooks: ServiceHooks, stop_event: asyncio.Event | None = None) -> int:
+    """Serves until SIGTERM/SIGINT (or stop_event); returns the process exit code."""
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor()],
         options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", 1000)],
@@ -116,7 +119,8 @@ async def serve(hooks: ServiceHooks, stop_event: asyncio.Event | None = None) ->
     starting = asyncio.create_task(start_up())
     stopping = asyncio.create_task(stop_event.wait())
     done, _ = await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if starting in done and starting.exception():
+    start_failed = starting in done and starting.exception() is not None
+    if start_failed:
         log.error("start-up failed", exc_info=starting.exception())
         stop_event.set()
     await stop_event.wait()
@@ -128,7 +132,40 @@ async def serve(hooks: ServiceHooks, stop_event: asyncio.Event | None = None) ->
     if hooks.stop:
         await hooks.stop()
     log.info("stopped")
+    return 1 if start_failed else 0
 
 
 def run(hooks: ServiceHooks) -> None:
-    asyncio.run(serve(hooks))
+    sys.exit(asyncio.run(serve(hooks)))
+
+
+T = TypeVar("T")
+
+
+async def in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
+    """Runs blocking start-up work (waiting for Kinesis, a database) off the event loop.
+
+    Unlike asyncio.to_thread, the thread is a daemon: a SIGTERM during a start-up that
+    waits on an unreachable dependency stops the process at once instead of waiting for
+    that call to give up.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.done():
+            outcome()
+
+    def target() -> None:
+        try:
+            result = function(*args)
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting task
+            captured = error
+            with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+                loop.call_soon_threadsafe(settle, lambda: future.set_exception(captured))
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, lambda: future.set_result(result))
+
+    threading.Thread(target=target, name=getattr(function, "__name__", "start-up"), daemon=True).start()
+    return await future

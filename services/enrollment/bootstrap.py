@@ -15,7 +15,7 @@ from libs import consumer as consumer_lib
 from libs import outbox as outbox_lib
 from libs.config import EnrollmentSettings
 from libs.db import make_engine
-from libs.grpc_server import ServiceHooks, run
+from libs.grpc_server import ServiceHooks, in_daemon_thread, run
 from libs.kinesis import (
     ENROLLMENT_EVENTS_STREAM,
     NOTIFICATIONS_STREAM,
@@ -84,7 +84,7 @@ def build_hooks(settings: EnrollmentSettings) -> ServiceHooks:
         enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(EnrollmentServicer(app.engine), server)
 
     async def start() -> None:
-        await asyncio.to_thread(app.start)
+        await in_daemon_thread(app.start)
 
     async def stop() -> None:
         await asyncio.to_thread(app.stop)

@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from libs import consumer as consumer_lib
 from libs.config import NotifierSettings
 from libs.db import make_engine
-from libs.grpc_server import ServiceHooks, run
+from libs.grpc_server import ServiceHooks, in_daemon_thread, run
 from libs.kinesis import NOTIFICATIONS_STREAM, ensure_stream, kinesis_client, wait_for_kinesis
 from libs.logs import configure_logging
 from services.notifier.adapters import repository
@@ -59,13 +59,13 @@ class Notifier:
             repository.create_tables(engine)
             consumer_lib.metadata.create_all(engine)
 
-        await asyncio.to_thread(create_tables)
+        await in_daemon_thread(create_tables)
         self.store = NotificationStore(engine)
 
         kinesis = kinesis_client(settings.aws_region)
-        await asyncio.to_thread(wait_for_kinesis, kinesis)
+        await in_daemon_thread(wait_for_kinesis, kinesis)
         stream_name = settings.stream_name(NOTIFICATIONS_STREAM)
-        await asyncio.to_thread(ensure_stream, kinesis, stream_name, settings.kinesis_shard_count)
+        await in_daemon_thread(ensure_stream, kinesis, stream_name, settings.kinesis_shard_count)
 
         self.mailer = SmtpMailer(
             host=settings.smtp_host,

@@ -10,7 +10,7 @@ from coursesignup.enrollment.v1 import enrollment_pb2_grpc
 from coursesignup.registration.v1 import registration_pb2_grpc
 
 from libs.config import RegistrationSettings
-from libs.grpc_server import ServiceHooks, run
+from libs.grpc_server import ServiceHooks, in_daemon_thread, run
 from libs.kinesis import NOTIFICATIONS_STREAM, REGISTRATIONS_STREAM, RecordBatcher, ensure_stream, \
     kinesis_client, wait_for_kinesis
 from libs.logs import configure_logging
@@ -43,9 +43,9 @@ def build_hooks(settings: RegistrationSettings) -> ServiceHooks:
         registration_pb2_grpc.add_RegistrationServiceServicer_to_server(parts["servicer"], server)
 
     async def start() -> None:
-        await asyncio.to_thread(wait_for_kinesis, client)
+        await in_daemon_thread(wait_for_kinesis, client)
         for base in (REGISTRATIONS_STREAM, NOTIFICATIONS_STREAM):
-            await asyncio.to_thread(ensure_stream, client, settings.stream_name(base), settings.kinesis_shard_count)
+            await in_daemon_thread(ensure_stream, client, settings.stream_name(base), settings.kinesis_shard_count)
         parts["catalogue"].start()
         parts["commands"].start()
         parts["notifications"].start()
