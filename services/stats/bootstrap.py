@@ -19,7 +19,7 @@ from libs import consumer as consumer_lib
 from libs.config import StatsSettings
 from libs.db import make_engine
 from libs.errors import Unavailable
-from libs.grpc_server import ServiceHooks, run
+from libs.grpc_server import ServiceHooks, in_daemon_thread, run
 from libs.kinesis import ENROLLMENT_EVENTS_STREAM, ensure_stream, kinesis_client, wait_for_kinesis
 from libs.logs import configure_logging
 from services.stats.adapters.tables import metadata
@@ -48,7 +48,7 @@ class StatsRuntime:
         return engine
 
     def start(self) -> None:
-        """Blocking start-up (run in a thread); returns once the consumer is ready."""
+        """Blocking start-up (run in a daemon thread); returns once the consumer is ready."""
         settings = self.settings
         engine = make_engine(settings.stats_database_url)
         metadata.create_all(engine)
@@ -72,7 +72,7 @@ class StatsRuntime:
                 return
             consumer.start()
             self.consumer = consumer
-        # Poll rather than block, so that a stop during start-up is not held up.
+        # Poll rather than block, so this thread ends if the service stops during start-up.
         while not consumer.ready.wait(0.2):
             if self._stopping.is_set():
                 return
@@ -98,7 +98,7 @@ def build_hooks(settings: StatsSettings) -> ServiceHooks:
         )
 
     async def start() -> None:
-        await asyncio.to_thread(runtime.start)
+        await in_daemon_thread(runtime.start)
 
     async def stop() -> None:
         await asyncio.to_thread(runtime.stop)

@@ -280,6 +280,10 @@ def test_bad_requests_get_invalid_argument_naming_the_field_and_unknown_scopes_g
                 ),
                 (stub.GetCampusStats(stats_pb2.GetCampusStatsRequest(campus_id="")), {"campus_id"}),
                 (
+                    stub.GetCampusStats(stats_pb2.GetCampusStatsRequest(campus_id="9-north")),
+                    {"campus_id"},
+                ),
+                (
                     stub.GetOverallStats(
                         stats_pb2.GetOverallStatsRequest(
                             as_of=date_pb2.Date(year=2023, month=2, day=29)

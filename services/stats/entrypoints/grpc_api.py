@@ -21,8 +21,8 @@ from libs.errors import Validator
 from services.stats.domain.model import OVERALL_SCOPE, campus_scope, course_scope
 from services.stats.service_layer import views
 
-# The catalogue's id rule (enrollment.proto): lowercase letters, digits and '-'.
-ID_PATTERN = re.compile(r"[a-z0-9-]{1,63}")
+# The catalogue's id rule, as the enrollment service enforces it.
+ID_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,62}")
 
 
 AgeStatsRequest = (
@@ -84,7 +84,9 @@ def _check_id(validator: Validator, field: str, value: str) -> None:
     if not value:
         validator.add(field, "is required")
     elif not ID_PATTERN.fullmatch(value):
-        validator.add(field, "must be 1 to 63 lowercase letters, digits or '-'")
+        validator.add(
+            field, "must be 1-63 lowercase letters, digits or '-', starting with a letter"
+        )
 
 
 def _as_of(validator: Validator, request: AgeStatsRequest) -> date:
