@@ -41,9 +41,18 @@ def _sqlite_engine(url: Any, **kwargs: Any) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the write lock up front; readers (see read_only) don't wait for it.
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
 
     return engine
+
+
+_READ_ONLY = "course_signup_read_only"
+
+
+def read_only(engine: Engine) -> Engine:
+    """The same engine for queries: on SQLite its transactions don't take the write lock."""
+    return engine.execution_options(**{_READ_ONLY: True})
 
 
 def is_postgres(engine: Engine) -> bool:

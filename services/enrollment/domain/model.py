@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 
-ID_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 MAX_CAPACITY = 1_000_000
 
 

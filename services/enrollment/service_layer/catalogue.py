@@ -13,23 +13,18 @@ from typing import Any
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from libs.db import read_only
 from libs.errors import AlreadyExists, FailedPrecondition, NotFound, Validator
+from libs.ids import check_resource_id
 from libs.pagination import decode_token, encode_token, page_size
 from services.enrollment.adapters.tables import campuses, courses, decisions
-from services.enrollment.domain.model import ID_PATTERN, MAX_CAPACITY
+from services.enrollment.domain.model import MAX_CAPACITY
 
 
 @dataclass(frozen=True)
 class Page:
     rows: list[Any]
     next_page_token: str
-
-
-def _check_id(validator: Validator, field: str, value: str) -> None:
-    if not value:
-        validator.add(field, "is required")
-    elif not ID_PATTERN.match(value):
-        validator.add(field, "must be 1-63 lowercase letters, digits or '-', starting with a letter")
 
 
 def _check_name(validator: Validator, field: str, value: str) -> None:
@@ -48,7 +43,7 @@ def _check_capacity(validator: Validator, field: str, value: int) -> None:
 
 def create_campus(engine: Engine, campus_id: str, name: str) -> Any:
     validator = Validator()
-    _check_id(validator, "campus.campus_id", campus_id)
+    check_resource_id(validator, "campus.campus_id", campus_id)
     _check_name(validator, "campus.name", name)
     validator.check()
     row = {"campus_id": campus_id, "name": name.strip(), "create_time": dt.datetime.now(dt.timezone.utc)}
@@ -62,9 +57,9 @@ def create_campus(engine: Engine, campus_id: str, name: str) -> Any:
 
 def get_campus(engine: Engine, campus_id: str) -> Any:
     validator = Validator()
-    _check_id(validator, "campus_id", campus_id)
+    check_resource_id(validator, "campus_id", campus_id)
     validator.check()
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         row = conn.execute(select(campuses).where(campuses.c.campus_id == campus_id)).first()
     if row is None:
         raise NotFound(f"campus {campus_id!r} not found")
@@ -77,7 +72,7 @@ def list_campuses(engine: Engine, requested_size: int, token: str) -> Page:
     query = select(campuses).order_by(campuses.c.campus_id).limit(size + 1)
     if after is not None:
         query = query.where(campuses.c.campus_id > after)
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         rows = conn.execute(query).all()
     next_token = encode_token(rows[size - 1].campus_id, {"method": "ListCampuses"}) if len(rows) > size else ""
     return Page(rows[:size], next_token)
@@ -85,8 +80,8 @@ def list_campuses(engine: Engine, requested_size: int, token: str) -> Page:
 
 def create_course(engine: Engine, course_id: str, campus_id: str, name: str, capacity: int) -> Any:
     validator = Validator()
-    _check_id(validator, "course.course_id", course_id)
-    _check_id(validator, "course.campus_id", campus_id)
+    check_resource_id(validator, "course.course_id", course_id)
+    check_resource_id(validator, "course.campus_id", campus_id)
     _check_name(validator, "course.name", name)
     _check_capacity(validator, "course.capacity", capacity)
     validator.check()
@@ -107,9 +102,9 @@ def create_course(engine: Engine, course_id: str, campus_id: str, name: str, cap
 
 def get_course(engine: Engine, course_id: str) -> Any:
     validator = Validator()
-    _check_id(validator, "course_id", course_id)
+    check_resource_id(validator, "course_id", course_id)
     validator.check()
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         row = conn.execute(select(courses).where(courses.c.course_id == course_id)).first()
     if row is None:
         raise NotFound(f"course {course_id!r} not found")
@@ -119,7 +114,7 @@ def get_course(engine: Engine, course_id: str) -> Any:
 def list_courses(engine: Engine, campus_id: str, requested_size: int, token: str) -> Page:
     if campus_id:
         validator = Validator()
-        _check_id(validator, "campus_id", campus_id)
+        check_resource_id(validator, "campus_id", campus_id)
         validator.check()
     size = page_size(requested_size)
     query_key = {"method": "ListCourses", "campus_id": campus_id}
@@ -129,7 +124,7 @@ def list_courses(engine: Engine, campus_id: str, requested_size: int, token: str
         query = query.where(courses.c.campus_id == campus_id)
     if after is not None:
         query = query.where(courses.c.course_id > after)
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         rows = conn.execute(query).all()
     next_token = encode_token(rows[size - 1].course_id, query_key) if len(rows) > size else ""
     return Page(rows[:size], next_token)
@@ -138,7 +133,7 @@ def list_courses(engine: Engine, campus_id: str, requested_size: int, token: str
 def update_course(engine: Engine, course_id: str, name: str, capacity: int, mask: list[str]) -> Any:
     fields = set(mask) or {"name", "capacity"}
     validator = Validator()
-    _check_id(validator, "course.course_id", course_id)
+    check_resource_id(validator, "course.course_id", course_id)
     unknown = fields - {"name", "capacity"}
     if unknown:
         validator.add("update_mask", f"unknown or immutable fields: {', '.join(sorted(unknown))}")
@@ -174,7 +169,7 @@ def get_decision(engine: Engine, registration_id: str) -> Any:
     elif len(registration_id) > 64:
         validator.add("registration_id", "is too long")
     validator.check()
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         row = conn.execute(select(decisions).where(decisions.c.registration_id == registration_id)).first()
     if row is None:
         raise NotFound(f"no decision recorded for registration {registration_id!r}")
@@ -182,7 +177,7 @@ def get_decision(engine: Engine, registration_id: str) -> Any:
 
 
 def catalogue_is_empty(engine: Engine) -> bool:
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         return conn.execute(select(func.count()).select_from(campuses)).scalar_one() == 0
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import dataclass
 
 from email_validator import EmailNotValidError, validate_email
 
 from libs.errors import Validator
+from libs.ids import check_resource_id
 
-COURSE_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 LOCALES = {"en", "pt-BR"}
 MIN_AGE_YEARS = 1
 MAX_AGE_YEARS = 120
@@ -62,10 +61,7 @@ def validate_sign_up(
         elif birth_date.year < today.year - MAX_AGE_YEARS:
             validator.add("birth_date", f"is more than {MAX_AGE_YEARS} years ago")
 
-    if not course_id:
-        validator.add("course_id", "is required")
-    elif not COURSE_ID.match(course_id):
-        validator.add("course_id", "must be 1-63 lowercase letters, digits or '-', starting with a letter")
+    check_resource_id(validator, "course_id", course_id)
 
     normalized_email = ""
     if not email.strip():

@@ -8,7 +8,6 @@ course or campus from one without students: both get zeros.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable
 from datetime import date, datetime, timezone
 
@@ -18,12 +17,9 @@ from sqlalchemy import Engine
 
 from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from libs.errors import Validator
+from libs.ids import check_resource_id
 from services.stats.domain.model import OVERALL_SCOPE, campus_scope, course_scope
 from services.stats.service_layer import views
-
-# The catalogue's id rule, as the enrollment service enforces it.
-ID_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,62}")
-
 
 AgeStatsRequest = (
     stats_pb2.GetCourseStatsRequest
@@ -42,7 +38,7 @@ class StatsServicer(stats_pb2_grpc.StatsServiceServicer):
         self, request: stats_pb2.GetCourseStatsRequest, context: grpc.aio.ServicerContext
     ) -> stats_pb2.AgeStats:
         validator = Validator()
-        _check_id(validator, "course_id", request.course_id)
+        check_resource_id(validator, "course_id", request.course_id)
         as_of = _as_of(validator, request)
         validator.check()
         return await self._age_stats(
@@ -53,7 +49,7 @@ class StatsServicer(stats_pb2_grpc.StatsServiceServicer):
         self, request: stats_pb2.GetCampusStatsRequest, context: grpc.aio.ServicerContext
     ) -> stats_pb2.AgeStats:
         validator = Validator()
-        _check_id(validator, "campus_id", request.campus_id)
+        check_resource_id(validator, "campus_id", request.campus_id)
         as_of = _as_of(validator, request)
         validator.check()
         return await self._age_stats(
@@ -77,15 +73,6 @@ class StatsServicer(stats_pb2_grpc.StatsServiceServicer):
             max_age=metrics.max_age,
             average_age=metrics.average_age,
             as_of=date_pb2.Date(year=as_of.year, month=as_of.month, day=as_of.day),
-        )
-
-
-def _check_id(validator: Validator, field: str, value: str) -> None:
-    if not value:
-        validator.add(field, "is required")
-    elif not ID_PATTERN.fullmatch(value):
-        validator.add(
-            field, "must be 1-63 lowercase letters, digits or '-', starting with a letter"
         )
 
 

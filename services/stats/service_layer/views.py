@@ -11,6 +11,7 @@ from datetime import date
 
 from sqlalchemy import Engine, and_, func, or_, select
 
+from libs.db import read_only
 from services.stats.adapters.tables import age_buckets, age_totals, birthday_buckets
 from services.stats.domain.ages import AgeMetrics, BirthDateTally, metrics_on
 
@@ -40,7 +41,7 @@ def age_metrics(engine: Engine, scope: str, as_of: date) -> AgeMetrics:
         .limit(1)
         .scalar_subquery(),
     )
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         students, birth_year_total, ahead, earliest, latest = conn.execute(query).one()
     # PostgreSQL sums bigints as numeric (Decimal); the figures are whole numbers.
     sums = BirthDateTally(
