@@ -27,9 +27,12 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 from sqlalchemy.exc import OperationalError
 
+from libs.config import CommonSettings
 from libs.errors import ServiceError
+from libs.logs import configure_logging
 
 log = logging.getLogger(__name__)
+S = TypeVar("S", bound=CommonSettings)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -81,6 +84,23 @@ class ServiceHooks:
     # Runs after the server stopped taking calls (flush, checkpoint, close).
     stop: Callable[[], Awaitable[None]] | None = None
     grace_seconds: float = 5.0
+
+    @classmethod
+    def for_service(
+        cls,
+        settings: CommonSettings,
+        *,
+        name: str,
+        port: int,
+        register: Callable[[grpc.aio.Server], None],
+        service_name: str,
+        start: Callable[[], Awaitable[None]] | None = None,
+        stop: Callable[[], Awaitable[None]] | None = None,
+    ) -> "ServiceHooks":
+        """Hooks with the settings every service shares (bind host, shutdown grace)."""
+        return cls(name=name, port=port, bind_host=settings.bind_host, register=register,
+                   service_names=[service_name], start=start, stop=stop,
+                   grace_seconds=settings.shutdown_grace_seconds)
 
 
 async def serve(hooks: ServiceHooks, stop_event: asyncio.Event | None = None) -> int:
@@ -137,6 +157,12 @@ async def serve(hooks: ServiceHooks, stop_event: asyncio.Event | None = None) ->
 
 def run(hooks: ServiceHooks) -> None:
     sys.exit(asyncio.run(serve(hooks)))
+
+
+def run_service(name: str, settings: S, build_hooks: Callable[[S], ServiceHooks]) -> None:
+    """A service's main(): JSON logs, then serve until SIGTERM; exits non-zero if start-up failed."""
+    configure_logging(name, settings.log_level)
+    run(build_hooks(settings))
 
 
 T = TypeVar("T")

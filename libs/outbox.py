@@ -16,8 +16,21 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Connection, Engine, Float, Integer, LargeBinary, MetaData, String, Table
-from sqlalchemy import delete, insert, select
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    delete,
+    insert,
+    select,
+)
 
 from libs.kinesis import OutgoingRecord, put_records
 

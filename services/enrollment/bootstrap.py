@@ -15,7 +15,7 @@ from libs import consumer as consumer_lib
 from libs import outbox as outbox_lib
 from libs.config import EnrollmentSettings
 from libs.db import make_engine
-from libs.grpc_server import ServiceHooks, in_daemon_thread, run
+from libs.grpc_server import ServiceHooks, in_daemon_thread, run_service
 from libs.kinesis import (
     ENROLLMENT_EVENTS_STREAM,
     NOTIFICATIONS_STREAM,
@@ -24,7 +24,6 @@ from libs.kinesis import (
     kinesis_client,
     wait_for_kinesis,
 )
-from libs.logs import configure_logging
 from services.enrollment.adapters.tables import metadata
 from services.enrollment.entrypoints.grpc_api import SERVICE_NAME, EnrollmentServicer
 from services.enrollment.service_layer.catalogue import seed_demo_catalogue
@@ -90,19 +89,16 @@ def build_hooks(settings: EnrollmentSettings) -> ServiceHooks:
         await asyncio.to_thread(app.stop)
         app.engine.dispose()
 
-    return ServiceHooks(
+    return ServiceHooks.for_service(
+        settings,
         name="enrollment",
         port=settings.enrollment_port,
-        bind_host=settings.bind_host,
         register=register,
-        service_names=[SERVICE_NAME],
+        service_name=SERVICE_NAME,
         start=start,
         stop=stop,
-        grace_seconds=settings.shutdown_grace_seconds,
     )
 
 
 def main() -> None:
-    settings = EnrollmentSettings()
-    configure_logging("enrollment", settings.log_level)
-    run(build_hooks(settings))
+    run_service("enrollment", EnrollmentSettings(), build_hooks)

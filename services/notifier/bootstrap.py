@@ -19,9 +19,8 @@ from sqlalchemy import Engine
 from libs import consumer as consumer_lib
 from libs.config import NotifierSettings
 from libs.db import make_engine
-from libs.grpc_server import ServiceHooks, in_daemon_thread, run
+from libs.grpc_server import ServiceHooks, in_daemon_thread, run_service
 from libs.kinesis import NOTIFICATIONS_STREAM, ensure_stream, kinesis_client, wait_for_kinesis
-from libs.logs import configure_logging
 from services.notifier.adapters import repository
 from services.notifier.adapters.repository import NotificationStore
 from services.notifier.adapters.smtp import SmtpMailer
@@ -114,19 +113,16 @@ class Notifier:
 
 def build_hooks(settings: NotifierSettings) -> ServiceHooks:
     notifier = Notifier(settings)
-    return ServiceHooks(
+    return ServiceHooks.for_service(
+        settings,
         name="notifier",
         port=settings.notifier_port,
-        bind_host=settings.bind_host,
         register=notifier.register,
-        service_names=[SERVICE_NAME],
+        service_name=SERVICE_NAME,
         start=notifier.start,
         stop=notifier.stop,
-        grace_seconds=settings.shutdown_grace_seconds,
     )
 
 
 def main() -> None:
-    settings = NotifierSettings()
-    configure_logging("notifier", settings.log_level)
-    run(build_hooks(settings))
+    run_service("notifier", NotifierSettings(), build_hooks)

@@ -9,10 +9,15 @@ from coursesignup.enrollment.v1 import enrollment_pb2_grpc
 from coursesignup.registration.v1 import registration_pb2_grpc
 
 from libs.config import RegistrationSettings
-from libs.grpc_server import ServiceHooks, in_daemon_thread, run
-from libs.kinesis import NOTIFICATIONS_STREAM, REGISTRATIONS_STREAM, RecordBatcher, ensure_stream, \
-    kinesis_client, wait_for_kinesis
-from libs.logs import configure_logging
+from libs.grpc_server import ServiceHooks, in_daemon_thread, run_service
+from libs.kinesis import (
+    NOTIFICATIONS_STREAM,
+    REGISTRATIONS_STREAM,
+    RecordBatcher,
+    ensure_stream,
+    kinesis_client,
+    wait_for_kinesis,
+)
 from services.registration.adapters.catalogue import Catalogue
 from services.registration.domain.registration_ids import RegistrationIds
 from services.registration.entrypoints.grpc_api import SERVICE_NAME, RegistrationServicer
@@ -56,19 +61,16 @@ def build_hooks(settings: RegistrationSettings) -> ServiceHooks:
         await parts["catalogue"].close()
         await parts["channel"].close()
 
-    return ServiceHooks(
+    return ServiceHooks.for_service(
+        settings,
         name="registration",
         port=settings.registration_port,
-        bind_host=settings.bind_host,
         register=register,
-        service_names=[SERVICE_NAME],
+        service_name=SERVICE_NAME,
         start=start,
         stop=stop,
-        grace_seconds=settings.shutdown_grace_seconds,
     )
 
 
 def main() -> None:
-    settings = RegistrationSettings()
-    configure_logging("registration", settings.log_level)
-    run(build_hooks(settings))
+    run_service("registration", RegistrationSettings(), build_hooks)

@@ -12,16 +12,15 @@ import logging
 import threading
 
 import grpc
+from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from sqlalchemy import Engine
 
-from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from libs import consumer as consumer_lib
 from libs.config import StatsSettings
 from libs.db import make_engine
 from libs.errors import Unavailable
-from libs.grpc_server import ServiceHooks, in_daemon_thread, run
+from libs.grpc_server import ServiceHooks, in_daemon_thread, run_service
 from libs.kinesis import ENROLLMENT_EVENTS_STREAM, ensure_stream, kinesis_client, wait_for_kinesis
-from libs.logs import configure_logging
 from services.stats.adapters.tables import metadata
 from services.stats.entrypoints.grpc_api import StatsServicer
 from services.stats.service_layer.projection import project_batch
@@ -103,19 +102,16 @@ def build_hooks(settings: StatsSettings) -> ServiceHooks:
     async def stop() -> None:
         await asyncio.to_thread(runtime.stop)
 
-    return ServiceHooks(
+    return ServiceHooks.for_service(
+        settings,
         name="stats",
         port=settings.stats_port,
-        bind_host=settings.bind_host,
         register=register,
-        service_names=[SERVICE_NAME],
+        service_name=SERVICE_NAME,
         start=start,
         stop=stop,
-        grace_seconds=settings.shutdown_grace_seconds,
     )
 
 
 def main() -> None:
-    settings = StatsSettings()
-    configure_logging("stats", settings.log_level)
-    run(build_hooks(settings))
+    run_service("stats", StatsSettings(), build_hooks)

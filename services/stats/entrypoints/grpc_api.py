@@ -12,10 +12,10 @@ from collections.abc import Callable
 from datetime import date, datetime, timezone
 
 import grpc
+from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from google.type import date_pb2
 from sqlalchemy import Engine
 
-from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from libs.errors import Validator
 from libs.ids import check_resource_id
 from services.stats.domain.model import OVERALL_SCOPE, campus_scope, course_scope

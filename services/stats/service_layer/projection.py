@@ -20,10 +20,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import date, datetime, timezone
 from typing import Any, TypeVar
 
+from coursesignup.events.v1 import events_pb2
 from sqlalchemy import Connection, Table, bindparam, delete, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from coursesignup.events.v1 import events_pb2
 from libs.consumer import StreamRecord, decode_or_dead_letter
 from libs.envelope import MalformedRecord, decode_envelope
 from services.stats.adapters.tables import (
