@@ -8,7 +8,7 @@ NODE_INSTALLED := node_modules/.installed
 GENERATED := gen/.generated
 PROTO_SOURCES := $(shell find protos -name '*.proto')
 
-.PHONY: all install gen run test test-unit lint-protos bench clean
+.PHONY: all install gen run test test-unit lint lint-protos clean
 
 all: gen
 
@@ -35,6 +35,11 @@ gen: $(GENERATED)
 run: install gen
 	@mkdir -p var
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" exec $(VENV)/bin/honcho -f Procfile -e dev/local.env start
+
+## lint: ruff and mypy over the hand-written code (configured in pyproject.toml)
+lint: install gen
+	$(VENV)/bin/ruff check libs services tests dev scripts
+	$(VENV)/bin/mypy
 
 lint-protos: $(NODE_INSTALLED)
 	cd protos && ../node_modules/.bin/buf lint

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -104,7 +104,7 @@ def record_dead_letter(conn: Connection, record: StreamRecord, reason: str) -> N
             partition_key=record.partition_key,
             reason=reason[:2000],
             data=record.data,
-            created_at=datetime.now(timezone.utc),
+            created_at=datetime.now(UTC),
         )
     )
     log.warning(

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import uuid
 
-from coursesignup.events.v1 import events_pb2
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
+
+from coursesignup.events.v1 import events_pb2
 
 
 class MalformedRecord(ValueError):

@@ -47,7 +47,7 @@ class InvalidArgument(ServiceError):
         self.violations = violations
 
     @classmethod
-    def single(cls, field: str, description: str) -> "InvalidArgument":
+    def single(cls, field: str, description: str) -> InvalidArgument:
         return cls([FieldViolation(field, description)])
 
     def details(self) -> list[any_pb2.Any]:

@@ -96,7 +96,7 @@ class ServiceHooks:
         service_name: str,
         start: Callable[[], Awaitable[None]] | None = None,
         stop: Callable[[], Awaitable[None]] | None = None,
-    ) -> "ServiceHooks":
+    ) -> ServiceHooks:
         """Hooks with the settings every service shares (bind host, shutdown grace)."""
         return cls(name=name, port=port, bind_host=settings.bind_host, register=register,
                    service_names=[service_name], start=start, stop=stop,

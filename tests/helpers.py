@@ -90,7 +90,7 @@ def postgres_schema() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def serve_in_thread(hooks: "ServiceHooks", timeout: float = 60.0) -> Iterator[None]:
+def serve_in_thread(hooks: ServiceHooks, timeout: float = 60.0) -> Iterator[None]:
     """Runs a service's gRPC server in a background event loop until the block ends."""
     import asyncio
     import threading
@@ -121,7 +121,8 @@ def serve_in_thread(hooks: "ServiceHooks", timeout: float = 60.0) -> Iterator[No
             if failure or not thread.is_alive():
                 raise RuntimeError(f"{hooks.name} failed to start: {failure}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     break
             except grpc.RpcError:
                 pass

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from coursesignup.enrollment.v1 import enrollment_pb2_grpc
 
+from coursesignup.enrollment.v1 import enrollment_pb2_grpc
 from libs import consumer as consumer_lib
 from libs import outbox as outbox_lib
 from libs.config import EnrollmentSettings

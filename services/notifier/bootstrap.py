@@ -13,9 +13,9 @@ import asyncio
 import logging
 
 import grpc
-from coursesignup.notifier.v1 import notifier_pb2_grpc
 from sqlalchemy import Engine
 
+from coursesignup.notifier.v1 import notifier_pb2_grpc
 from libs import consumer as consumer_lib
 from libs.config import NotifierSettings
 from libs.db import make_engine

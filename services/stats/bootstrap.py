@@ -12,9 +12,9 @@ import logging
 import threading
 
 import grpc
-from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from sqlalchemy import Engine
 
+from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from libs import consumer as consumer_lib
 from libs.config import StatsSettings
 from libs.db import make_engine

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import os
 import signal
 import subprocess
@@ -12,10 +11,10 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from coursesignup.registration.v1 import registration_pb2 as R
-from coursesignup.registration.v1 import registration_pb2_grpc
 from google.type import date_pb2
 
+from coursesignup.registration.v1 import registration_pb2 as R
+from coursesignup.registration.v1 import registration_pb2_grpc
 from dev.ports import listening
 from tests.helpers import ROOT
 

@@ -6,26 +6,26 @@ import datetime as dt
 import json
 import pathlib
 import shlex
+import signal
 import subprocess
 import sys
-import signal
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 import pytest
-from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
-from coursesignup.notifier.v1 import notifier_pb2, notifier_pb2_grpc
-from coursesignup.registration.v1 import registration_pb2, registration_pb2_grpc
-from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from google.rpc import error_details_pb2
 from google.type import date_pb2
 from grpc_status import rpc_status
 
+from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
+from coursesignup.notifier.v1 import notifier_pb2, notifier_pb2_grpc
+from coursesignup.registration.v1 import registration_pb2, registration_pb2_grpc
+from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from tests.helpers import ROOT
 from tests.mesh import Mesh, RecordingSmtpHandler, running_mesh, smtp_server
 
@@ -62,7 +62,9 @@ def field_violations(error: grpc.RpcError) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory, kinesis_endpoint: str) -> Iterator[tuple[Mesh, RecordingSmtpHandler]]:
+def mesh(
+    tmp_path_factory: pytest.TempPathFactory, kinesis_endpoint: str
+) -> Iterator[tuple[Mesh, RecordingSmtpHandler]]:
     with smtp_server() as (smtp_port, handler):
         with running_mesh(tmp_path_factory.mktemp("mesh"), kinesis_endpoint, smtp_port,
                           extra_env={"SEED_DEMO_CATALOGUE": "true"}) as running:
@@ -122,7 +124,7 @@ def test_a_full_course_enrolls_exactly_its_capacity_and_emails_everyone(mesh, st
     course = enrollment.GetCourse(enrollment_pb2.GetCourseRequest(course_id="tiny"))
     assert (course.capacity, course.enrolled_count) == (3, 3)
 
-    today = dt.datetime.now(dt.timezone.utc).date()
+    today = dt.datetime.now(dt.UTC).date()
     ages = [age_on(births[e], today) for e, d in decided.items() if d.status == R.REGISTRATION_STATUS_ENROLLED]
     course_stats = wait_until(
         lambda: (s := stats.GetCourseStats(stats_pb2.GetCourseStatsRequest(course_id="tiny"))).student_count == 3
@@ -142,7 +144,8 @@ def test_a_full_course_enrolls_exactly_its_capacity_and_emails_everyone(mesh, st
     per_recipient = Counter(m["To"].addresses[0].addr_spec for m in ours())
     assert set(per_recipient.values()) == {2}, per_recipient
     enrolled_emails = {e for e, d in decided.items() if d.status == R.REGISTRATION_STATUS_ENROLLED}
-    assert {m["To"].addresses[0].addr_spec for m in ours() if m["X-Course-Signup-Kind"] == "enrolled"} == enrolled_emails
+    enrolled_mail = {m["To"].addresses[0].addr_spec for m in ours() if m["X-Course-Signup-Kind"] == "enrolled"}
+    assert enrolled_mail == enrolled_emails
 
     some_id = ids["student0@example.com"]
     log = stubs["notifier"].ListNotifications(notifier_pb2.ListNotificationsRequest(registration_id=some_id))

@@ -7,12 +7,12 @@ import uuid
 
 from sqlalchemy import Column, Connection, MetaData, String, Table, func, insert, select
 
+from coursesignup.events.v1 import events_pb2
 from libs import consumer as consumer_lib
 from libs.config import CommonSettings
 from libs.db import make_engine
 from libs.envelope import decode_envelope, new_envelope
 from libs.kinesis import OutgoingRecord, ensure_stream, kinesis_client, put_records
-from coursesignup.events.v1 import events_pb2
 
 seen_metadata = MetaData()
 seen = Table("seen", seen_metadata, Column("message_id", String(64), primary_key=True),
@@ -42,7 +42,7 @@ def test_every_record_is_applied_once_and_poison_goes_to_dead_letters(kinesis_en
     seen_metadata.create_all(engine)
 
     def handle(conn: Connection, records: list[consumer_lib.StreamRecord]) -> None:
-        for record, envelope in consumer_lib.decode_or_dead_letter(conn, records, decode_envelope):
+        for _record, envelope in consumer_lib.decode_or_dead_letter(conn, records, decode_envelope):
             conn.execute(insert(seen).values(message_id=envelope.message_id,
                                              course_id=envelope.register_student.course_id))
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from coursesignup.enrollment.v1 import enrollment_pb2 as pb
-from coursesignup.enrollment.v1 import enrollment_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from coursesignup.enrollment.v1 import enrollment_pb2 as pb
+from coursesignup.enrollment.v1 import enrollment_pb2_grpc
 from libs.config import EnrollmentSettings
 from services.enrollment.bootstrap import build_hooks
 from tests import helpers

@@ -7,11 +7,11 @@ import uuid
 from collections import Counter
 
 import pytest
-from coursesignup.events.v1 import events_pb2
 from google.type import date_pb2
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from coursesignup.events.v1 import events_pb2
 from libs import consumer as consumer_lib
 from libs import outbox as outbox_lib
 from libs.consumer import StreamRecord
@@ -44,7 +44,7 @@ def command(course_id: str, email: str, registration_id: str | None = None) -> b
 
 
 def records(payloads: list[bytes]) -> list[StreamRecord]:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return [StreamRecord("registrations", "shard-0", str(100 + i), "small", data, now)
             for i, data in enumerate(payloads)]
 

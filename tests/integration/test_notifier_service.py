@@ -15,12 +15,12 @@ from typing import Any
 import grpc
 import pytest
 from aiosmtpd.controller import Controller
-from coursesignup.events.v1 import events_pb2
-from coursesignup.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from sqlalchemy import select
 
+from coursesignup.events.v1 import events_pb2
+from coursesignup.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 from libs.config import NotifierSettings
 from libs.consumer import dead_letters
 from libs.db import make_engine

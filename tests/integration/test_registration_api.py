@@ -7,12 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from google.type import date_pb2
+
 from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from coursesignup.events.v1 import events_pb2
 from coursesignup.registration.v1 import registration_pb2 as R
 from coursesignup.registration.v1 import registration_pb2_grpc
-from google.type import date_pb2
-
 from libs.config import EnrollmentSettings, RegistrationSettings
 from libs.envelope import decode_envelope
 from libs.kinesis import kinesis_client
@@ -69,7 +69,8 @@ def test_concurrent_registers_each_put_one_command_keyed_by_course(services, kin
     assert {b.registration_id for b in bodies} == {r.registration_id for r in replies}
     assert all(r["PartitionKey"] == decode_envelope(r["Data"]).register_student.course_id for r in commands)
     assert Counter(b.course_id for b in bodies) == {c: 20 for c in courses}
-    notifications = [decode_envelope(r["Data"]).send_notification for r in read_stream(client, f"{prefix}notifications")]
+    stream = read_stream(client, f"{prefix}notifications")
+    notifications = [decode_envelope(r["Data"]).send_notification for r in stream]
     # The in-process enrollment service adds its decision emails to the same stream.
     received = [n for n in notifications if n.kind == events_pb2.NOTIFICATION_KIND_RECEIVED]
     assert sorted(n.registration_id for n in received) == sorted(r.registration_id for r in replies)

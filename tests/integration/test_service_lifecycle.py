@@ -9,11 +9,11 @@ import sys
 import time
 
 import grpc
-from coursesignup.registration.v1 import registration_pb2 as R
-from coursesignup.registration.v1 import registration_pb2_grpc
 from google.type import date_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coursesignup.registration.v1 import registration_pb2 as R
+from coursesignup.registration.v1 import registration_pb2_grpc
 from tests import helpers
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
@@ -68,7 +68,7 @@ def _enrollments(
                 email=email,
                 name=f"Student {number}",
                 birth_date=birth,
-                enroll_time=datetime(2025, 1, 1, tzinfo=timezone.utc),
+                enroll_time=datetime(2025, 1, 1, tzinfo=UTC),
             )
         )
     return events
@@ -136,7 +136,7 @@ def test_a_student_in_two_courses_of_a_campus_counts_once_there_and_once_overall
             "ana@example.org",
             "Ana",
             born,
-            datetime(2025, 1, 1, tzinfo=timezone.utc),
+            datetime(2025, 1, 1, tzinfo=UTC),
         )
         for n, course in enumerate(["cs101", "cs102", "bio1"])
     ]
@@ -156,7 +156,7 @@ def test_a_student_in_two_courses_of_a_campus_counts_once_there_and_once_overall
 def test_removing_enrollments_brings_every_figure_back_and_redelivery_does_not_undo_it(engine):
     rng = random.Random(11)
     events = _enrollments(rng, _people(rng, 40), 300)
-    removed_time = datetime(2025, 2, 1, tzinfo=timezone.utc)
+    removed_time = datetime(2025, 2, 1, tzinfo=UTC)
     with engine.begin() as conn:
         add_enrollments(conn, events)
     cancelled = set(rng.sample([e.registration_id for e in events], 120))

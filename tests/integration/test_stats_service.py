@@ -11,7 +11,7 @@ import contextlib
 import random
 import uuid
 from collections.abc import AsyncIterator
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import grpc
 import pytest
@@ -92,7 +92,7 @@ def _enrolled(
         name="Student " + email.split("@")[0],
         email=email,
         birth_date=date_pb2.Date(year=birth.year, month=birth.month, day=birth.day),
-        enroll_time=_timestamp(datetime(2025, 1, 10, tzinfo=timezone.utc)),
+        enroll_time=_timestamp(datetime(2025, 1, 10, tzinfo=UTC)),
     )
 
 
@@ -306,11 +306,11 @@ def test_bad_requests_get_invalid_argument_naming_the_field_and_unknown_scopes_g
                 assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert set(_violations(caught.value)) == fields
 
-            before = datetime.now(timezone.utc).date()
+            before = datetime.now(UTC).date()
             empty = await stub.GetCourseStats(
                 stats_pb2.GetCourseStatsRequest(course_id="no-such-course")
             )
-            after = datetime.now(timezone.utc).date()
+            after = datetime.now(UTC).date()
             assert empty.scope == "courses/no-such-course"
             assert (empty.student_count, empty.min_age, empty.max_age, empty.average_age) == (
                 0,

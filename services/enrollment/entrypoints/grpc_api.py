@@ -7,10 +7,10 @@ import datetime as dt
 from typing import Any
 
 import grpc
-from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from google.protobuf import timestamp_pb2
 from sqlalchemy import Engine
 
+from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from services.enrollment.domain.model import Outcome
 from services.enrollment.service_layer import catalogue
 
@@ -26,7 +26,7 @@ _OUTCOMES = {
 
 def _timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
     if value.tzinfo is None:  # SQLite returns naive datetimes; they are stored in UTC
-        value = value.replace(tzinfo=dt.timezone.utc)
+        value = value.replace(tzinfo=dt.UTC)
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(value)
     return stamp

@@ -46,7 +46,7 @@ def create_campus(engine: Engine, campus_id: str, name: str) -> Any:
     check_resource_id(validator, "campus.campus_id", campus_id)
     _check_name(validator, "campus.name", name)
     validator.check()
-    row = {"campus_id": campus_id, "name": name.strip(), "create_time": dt.datetime.now(dt.timezone.utc)}
+    row = {"campus_id": campus_id, "name": name.strip(), "create_time": dt.datetime.now(dt.UTC)}
     try:
         with engine.begin() as conn:
             conn.execute(insert(campuses).values(**row))
@@ -75,7 +75,7 @@ def list_campuses(engine: Engine, requested_size: int, token: str) -> Page:
     with read_only(engine).connect() as conn:
         rows = conn.execute(query).all()
     next_token = encode_token(rows[size - 1].campus_id, {"method": "ListCampuses"}) if len(rows) > size else ""
-    return Page(rows[:size], next_token)
+    return Page(list(rows[:size]), next_token)
 
 
 def create_course(engine: Engine, course_id: str, campus_id: str, name: str, capacity: int) -> Any:
@@ -85,7 +85,7 @@ def create_course(engine: Engine, course_id: str, campus_id: str, name: str, cap
     _check_name(validator, "course.name", name)
     _check_capacity(validator, "course.capacity", capacity)
     validator.check()
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     with engine.begin() as conn:
         if conn.execute(select(campuses.c.campus_id).where(campuses.c.campus_id == campus_id)).first() is None:
             raise NotFound(f"campus {campus_id!r} not found")
@@ -127,7 +127,7 @@ def list_courses(engine: Engine, campus_id: str, requested_size: int, token: str
     with read_only(engine).connect() as conn:
         rows = conn.execute(query).all()
     next_token = encode_token(rows[size - 1].course_id, query_key) if len(rows) > size else ""
-    return Page(rows[:size], next_token)
+    return Page(list(rows[:size]), next_token)
 
 
 def update_course(engine: Engine, course_id: str, name: str, capacity: int, mask: list[str]) -> Any:
@@ -142,7 +142,7 @@ def update_course(engine: Engine, course_id: str, name: str, capacity: int, mask
     if "capacity" in fields:
         _check_capacity(validator, "course.capacity", capacity)
     validator.check()
-    values: dict[str, Any] = {"update_time": dt.datetime.now(dt.timezone.utc)}
+    values: dict[str, Any] = {"update_time": dt.datetime.now(dt.UTC)}
     if "name" in fields:
         values["name"] = name.strip()
     condition = [courses.c.course_id == course_id]

@@ -14,11 +14,11 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
-from coursesignup.events.v1 import events_pb2
 from google.protobuf import timestamp_pb2
 from google.type import date_pb2
 from sqlalchemy import Connection, insert, select, update
 
+from coursesignup.events.v1 import events_pb2
 from libs.consumer import StreamRecord, decode_or_dead_letter, record_dead_letter
 from libs.envelope import decode_envelope, new_envelope
 from libs.outbox import enqueue
@@ -100,7 +100,7 @@ def decide_batch(conn: Connection, records: list[StreamRecord], streams: Streams
     ):
         seats[row.course_id].enrolled_emails.add(row.email)
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     timestamp = timestamp_pb2.Timestamp()
     timestamp.FromDatetime(now)
     new_decisions: list[dict[str, object]] = []

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from datetime import datetime
 
 import grpc
-from coursesignup.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 from google.protobuf import timestamp_pb2
 
+from coursesignup.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 from libs.errors import InvalidArgument, Unavailable
 from services.notifier.adapters.repository import NotificationStore
 from services.notifier.domain.model import DeliveryStatus, NotificationView

@@ -7,9 +7,9 @@ the notifications. It never talks to SMTP, so the checkpoint never waits for ema
 
 from __future__ import annotations
 
-from coursesignup.events.v1 import events_pb2
 from sqlalchemy import Connection
 
+from coursesignup.events.v1 import events_pb2
 from libs.consumer import StreamRecord, decode_or_dead_letter
 from libs.envelope import MalformedRecord, decode_envelope
 from services.notifier.domain.model import Notification, NotificationKind

@@ -13,8 +13,8 @@ import logging
 from dataclasses import dataclass
 
 import grpc
-from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 
+from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from libs.errors import NotFound, Unavailable
 
 log = logging.getLogger(__name__)

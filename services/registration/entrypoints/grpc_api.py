@@ -7,12 +7,12 @@ import logging
 from typing import Any
 
 import grpc
-from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
-from coursesignup.events.v1 import events_pb2
-from coursesignup.registration.v1 import registration_pb2, registration_pb2_grpc
 from google.protobuf import timestamp_pb2
 from google.type import date_pb2
 
+from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
+from coursesignup.events.v1 import events_pb2
+from coursesignup.registration.v1 import registration_pb2, registration_pb2_grpc
 from libs.envelope import new_envelope
 from libs.errors import InvalidArgument, NotFound, Unavailable
 from libs.kinesis import KinesisUnavailable, RecordBatcher
@@ -53,7 +53,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
     async def Register(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         if not self.ready:
             raise Unavailable("starting up; retry shortly")
-        today = dt.datetime.now(dt.timezone.utc).date()
+        today = dt.datetime.now(dt.UTC).date()
         sign_up = validate_sign_up(
             request.name,
             request.birth_date.year,

@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
+from typing import TypeAlias
 
 import grpc
-from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from google.type import date_pb2
 from sqlalchemy import Engine
 
+from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from libs.errors import Validator
 from libs.ids import check_resource_id
 from services.stats.domain.model import OVERALL_SCOPE, campus_scope, course_scope
 from services.stats.service_layer import views
 
-AgeStatsRequest = (
-    stats_pb2.GetCourseStatsRequest
-    | stats_pb2.GetCampusStatsRequest
-    | stats_pb2.GetOverallStatsRequest
+AgeStatsRequest: TypeAlias = (
+    stats_pb2.GetCourseStatsRequest | stats_pb2.GetCampusStatsRequest | stats_pb2.GetOverallStatsRequest
 )
 
 
@@ -78,7 +77,7 @@ class StatsServicer(stats_pb2_grpc.StatsServiceServicer):
 
 def _as_of(validator: Validator, request: AgeStatsRequest) -> date:
     """The requested date; today in UTC when unset (an all-zero Date counts as unset)."""
-    today = datetime.now(timezone.utc).date()
+    today = datetime.now(UTC).date()
     if not request.HasField("as_of"):
         return today
     given = request.as_of

@@ -17,13 +17,13 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
-from coursesignup.events.v1 import events_pb2
 from sqlalchemy import Connection, Table, bindparam, delete, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from coursesignup.events.v1 import events_pb2
 from libs.consumer import StreamRecord, decode_or_dead_letter
 from libs.envelope import MalformedRecord, decode_envelope
 from services.stats.adapters.tables import (
@@ -83,7 +83,7 @@ def _student_enrolled(envelope: events_pb2.Envelope) -> StudentEnrolled:
         email=event.email,
         name=event.name,
         birth_date=birth_date,
-        enroll_time=seat_time.ToDatetime(tzinfo=timezone.utc),
+        enroll_time=seat_time.ToDatetime(tzinfo=UTC),
     )
 
 
@@ -159,12 +159,12 @@ def remove_enrollments(
     deltas: Counter[BucketKey] = Counter()
     for row in removed:
         deltas[(course_scope(row.course_id), row.birth_date)] -= 1
-    campus_losses = Counter((row.campus_id, row.email) for row in removed)
+    campus_losses: Counter[Key] = Counter((row.campus_id, row.email) for row in removed)
     for (campus_id, _email), birth_date in _leave(
         conn, campus_students, ("campus_id", "email"), campus_losses
     ):
         deltas[(campus_scope(campus_id), birth_date)] -= 1
-    overall_losses = Counter((row.email,) for row in removed)
+    overall_losses: Counter[Key] = Counter((row.email,) for row in removed)
     for _key, birth_date in _leave(conn, students, ("email",), overall_losses):
         deltas[(OVERALL_SCOPE, birth_date)] -= 1
     _apply_age_deltas(conn, deltas)
