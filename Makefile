@@ -8,7 +8,7 @@ NODE_INSTALLED := node_modules/.installed
 GENERATED := gen/.generated
 PROTO_SOURCES := $(shell find protos -name '*.proto')
 
-.PHONY: all install gen run test test-unit lint lint-protos clean
+.PHONY: all install gen run test test-unit lint lint-protos bench clean
 
 all: gen
 
@@ -50,6 +50,10 @@ test: install gen lint-protos
 
 test-unit: install gen
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+## bench: speed figures, each against a baseline measured in the same run (BENCH=name for one)
+bench: install gen
+	$(PY) -m benchmarks $(BENCH)
 
 clean:
 	rm -rf gen $(VENV) node_modules
