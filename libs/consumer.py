@@ -42,6 +42,7 @@ from sqlalchemy import (
     Text,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -74,6 +75,8 @@ dead_letters = Table(
     Column("reason", Text, nullable=False),
     Column("data", LargeBinary, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # Set when an operator put the record back on its stream (libs.operator replay).
+    Column("replayed_at", DateTime(timezone=True), nullable=True),
 )
 
 
@@ -85,6 +88,9 @@ class StreamRecord:
     partition_key: str
     data: bytes
     arrival: datetime
+    # Who read it, under which lease: lets handlers record an audit trail of the fencing token.
+    worker_id: str = ""
+    lease_counter: int = 0
 
 
 class LeaseLost(Exception):
@@ -125,6 +131,11 @@ def decode_or_dead_letter(
         except ValueError as error:
             record_dead_letter(conn, record, str(error))
     return decoded
+
+
+def _batch_tag(worker_id: str) -> str:
+    # application_name holds 63 bytes: the tag leads, and a long worker id is shortened.
+    return f"batch:{worker_id[:40]} "
 
 
 def default_worker_id() -> str:
@@ -338,6 +349,22 @@ class StreamConsumer:
 
     def _take(self, row: Any, now: float) -> bool:
         with self.engine.begin() as conn:
+            if self.engine.dialect.name == "postgresql":
+                # A worker mid-batch holds its lease row; don't wait behind it (and miss
+                # renewing our own leases meanwhile).
+                locked = conn.execute(
+                    select(shard_leases.c.shard_id)
+                    .where(
+                        shard_leases.c.stream_name == self.stream_name,
+                        shard_leases.c.shard_id == row.shard_id,
+                        shard_leases.c.lease_counter == row.lease_counter,
+                    )
+                    .with_for_update(skip_locked=True)
+                ).first()
+                if locked is None:
+                    if row.owner and row.owner != self.worker_id and row.expires_at <= now:
+                        self._end_stuck_batches(conn, row.owner)
+                    return False
             taken = conn.execute(
                 update(shard_leases)
                 .where(
@@ -355,6 +382,26 @@ class StreamConsumer:
         log.info("lease taken", extra={"stream": self.stream_name, "shard": row.shard_id,
                                        "lease_counter": row.lease_counter + 1})
         return True
+
+    def _end_stuck_batches(self, conn: Connection, owner: str) -> None:
+        """Ends the batch transactions of a worker whose lease expired mid-batch.
+
+        Its lease row is still locked, so it is paused, partitioned or hung inside a
+        batch; PostgreSQL cannot tell (a client stopped in the middle of a pipeline
+        looks "active", so idle_in_transaction_session_timeout never fires) and the
+        row and seat locks it holds would stall this shard for as long as it is stuck.
+        Its batch connections are tagged (see _batch_tag); terminating them rolls the
+        batch back, and when the worker resumes, its fencing token is stale.
+        """
+        tag = _batch_tag(owner)
+        ended = conn.execute(
+            text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                 "WHERE left(application_name, :length) = :tag AND pid <> pg_backend_pid()"),
+            {"tag": tag, "length": len(tag)},
+        ).scalar_one()
+        if ended:
+            log.warning("ended the batch of a worker stuck past its lease",
+                        extra={"stream": self.stream_name, "owner": owner, "connections": ended})
 
     def _forget(self, shard_id: str) -> None:
         with self._lock:
@@ -426,6 +473,8 @@ class StreamConsumer:
                 partition_key=r["PartitionKey"],
                 data=bytes(r["Data"]),
                 arrival=r["ApproximateArrivalTimestamp"],
+                worker_id=self.worker_id,
+                lease_counter=state.lease_counter,
             )
             for r in response.get("Records", [])
         ]
@@ -444,7 +493,14 @@ class StreamConsumer:
     def _commit(self, shard_id: str, state: _ShardState, records: list[StreamRecord]) -> None:
         last = records[-1].sequence_number
         with self.engine.begin() as conn:
-            # First statement: lock our lease row and check the fencing token.
+            if self.engine.dialect.name == "postgresql":
+                # Tags this connection for the transaction only, so a worker taking over
+                # an expired lease can end the batch if this worker is stuck in it.
+                conn.execute(
+                    text("SELECT set_config('application_name', :tag || current_setting('application_name'), true)"),
+                    {"tag": _batch_tag(self.worker_id)},
+                )
+            # Then lock our lease row and check the fencing token.
             fenced = conn.execute(self._mine(shard_id, state.lease_counter).values(checkpoint=last))
             if fenced.rowcount != 1:
                 raise LeaseLost(shard_id)

@@ -14,13 +14,26 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(url: str, idle_in_transaction_seconds: float | None = None, **kwargs: Any) -> Engine:
+    """An engine for `url`; on PostgreSQL, `idle_in_transaction_seconds` makes the server end
+    a transaction whose client stopped answering (a paused or partitioned worker), so the
+    locks it holds cannot stall the workers that take over its shards."""
     parsed = make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(parsed, **kwargs)
-    return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=5, **kwargs)
+    engine = create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=5, **kwargs)
+    if idle_in_transaction_seconds:
+        timeout_ms = int(idle_in_transaction_seconds * 1000)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute(f"SET idle_in_transaction_session_timeout = {timeout_ms}")
+            dbapi_connection.commit()
+
+    return engine
 
 
 def _sqlite_engine(url: Any, **kwargs: Any) -> Engine:

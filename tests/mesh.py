@@ -12,9 +12,11 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from email.parser import BytesHeaderParser
 from typing import Any
 
 import grpc
@@ -30,13 +32,17 @@ SERVICES = ("registration", "enrollment", "stats", "notifier")
 class RecordingSmtpHandler:
     """An aiosmtpd handler that keeps every delivered message, parsed."""
 
-    def __init__(self) -> None:
+    def __init__(self, headers_only: bool = False) -> None:
+        self.headers_only = headers_only
         self.messages: list[EmailMessage] = []
         self.envelopes: list[tuple[str, list[str]]] = []
         self.lock = threading.Lock()
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        if self.headers_only:  # enough to count emails by kind and registration, and much faster
+            message = BytesHeaderParser(policy=email.policy.default).parsebytes(envelope.content)
+        else:
+            message = email.message_from_bytes(envelope.content, policy=email.policy.default)
         with self.lock:
             self.messages.append(message)  # type: ignore[arg-type]
             self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
@@ -44,8 +50,8 @@ class RecordingSmtpHandler:
 
 
 @contextlib.contextmanager
-def smtp_server() -> Iterator[tuple[int, RecordingSmtpHandler]]:
-    handler = RecordingSmtpHandler()
+def smtp_server(headers_only: bool = False) -> Iterator[tuple[int, RecordingSmtpHandler]]:
+    handler = RecordingSmtpHandler(headers_only)
     port = helpers.free_port()
     controller = Controller(handler, hostname="127.0.0.1", port=port)
     controller.start()
@@ -65,12 +71,19 @@ class Mesh:
     def target(self, service: str) -> str:
         return f"127.0.0.1:{self.ports[service]}"
 
-    def start(self, service: str) -> None:
-        log = open(self.logs / f"{service}.log", "ab")  # noqa: SIM115 - kept by the process
-        self.processes[service] = subprocess.Popen(
+    def start(self, service: str, name: str | None = None) -> None:
+        """Starts `service`; a `name` such as "enrollment-2" starts one more worker of it."""
+        name = name or service
+        env = dict(self.env)
+        if name != service:
+            self.ports.setdefault(name, helpers.free_port())
+            env[f"{service.upper()}_PORT"] = str(self.ports[name])
+            env["WORKER_ID"] = name
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - kept by the process
+        self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", f"services.{service}"],
             cwd=helpers.ROOT,
-            env=self.env,
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -85,7 +98,7 @@ class Mesh:
             process.wait()
             raise
 
-    def wait_healthy(self, services: tuple[str, ...] = SERVICES, timeout: float = 60.0) -> None:
+    def wait_healthy(self, services: tuple[str, ...] | list[str] = SERVICES, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         for service in services:
             while not listening(self.ports[service]):
@@ -121,6 +134,7 @@ def running_mesh(
     smtp_port: int,
     database_urls: dict[str, str] | None = None,
     extra_env: dict[str, str] | None = None,
+    services: tuple[str, ...] = ("enrollment", "stats", "notifier", "registration"),
 ) -> Iterator[Mesh]:
     ports = {service: helpers.free_port() for service in SERVICES}
     urls = database_urls or {
@@ -132,7 +146,7 @@ def running_mesh(
         "AWS_REGION": "us-east-1",
         "AWS_ACCESS_KEY_ID": "local",
         "AWS_SECRET_ACCESS_KEY": "local",
-        "KINESIS_STREAM_PREFIX": f"e2e{tmp_path.name[-12:].replace('_', '')}-",
+        "KINESIS_STREAM_PREFIX": f"e2e{uuid.uuid4().hex[:8]}-",
         "KINESIS_SHARD_COUNT": "2",
         "LEASE_SECONDS": "3",
         "REGISTRATION_PORT": str(ports["registration"]),
@@ -153,9 +167,9 @@ def running_mesh(
     logs.mkdir(exist_ok=True)
     mesh = Mesh(ports, env, logs)
     try:
-        for service in ("enrollment", "stats", "notifier", "registration"):
+        for service in services:
             mesh.start(service)
-        mesh.wait_healthy()
+        mesh.wait_healthy(services)
         yield mesh
     finally:
         for service in list(mesh.processes):

@@ -77,7 +77,10 @@ class EnrollmentApp:
 
 
 def build_hooks(settings: EnrollmentSettings) -> ServiceHooks:
-    app = EnrollmentApp(settings, engine=make_engine(settings.enrollment_database_url))
+    app = EnrollmentApp(
+        settings,
+        engine=make_engine(settings.enrollment_database_url, idle_in_transaction_seconds=2 * settings.lease_seconds),
+    )
 
     def register(server: grpc.aio.Server) -> None:
         enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(EnrollmentServicer(app.engine), server)

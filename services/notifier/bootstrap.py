@@ -2,14 +2,16 @@
 
 `build_hooks` gives the shared server bootstrap (libs.grpc_server) what it needs:
 start-up creates the tables, waits for Kinesis, makes sure the notifications stream
-exists, starts the sender and the stream consumer, and returns once the consumer
-holds its leases; shutdown stops the consumer (it finishes and checkpoints its
-batch), lets the sender finish sends in flight briefly, and closes SMTP connections.
+exists, starts the sender, the stream consumer and the periodic metrics log line, and
+returns once the consumer holds its leases; shutdown stops the consumer (it finishes
+and checkpoints its batch), lets the sender finish sends in flight briefly, and closes
+SMTP connections.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import grpc
@@ -25,8 +27,10 @@ from services.notifier.adapters import repository
 from services.notifier.adapters.repository import NotificationStore
 from services.notifier.adapters.smtp import SmtpMailer
 from services.notifier.adapters.templates import TemplateRenderer
+from services.notifier.domain.model import RetryPolicy
 from services.notifier.entrypoints import stream
 from services.notifier.entrypoints.grpc_api import SERVICE_NAME, NotifierServicer
+from services.notifier.service_layer import metrics
 from services.notifier.service_layer.handlers import message_composer
 from services.notifier.service_layer.sender import Sender
 
@@ -46,9 +50,19 @@ class Notifier:
         self.consumer: consumer_lib.StreamConsumer | None = None
         self.sender: Sender | None = None
         self.mailer: SmtpMailer | None = None
+        self._metrics_stop = asyncio.Event()
+        self._metrics_task: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
-        notifier_pb2_grpc.add_NotifierServiceServicer_to_server(NotifierServicer(lambda: self.store), server)
+        notifier_pb2_grpc.add_NotifierServiceServicer_to_server(
+            NotifierServicer(lambda: self.store, self.delivery_stats), server
+        )
+
+    async def delivery_stats(self) -> metrics.DeliveryStats | None:
+        """None until start-up made the store and the sender."""
+        if self.store is None or self.sender is None:
+            return None
+        return await metrics.collect(self.sender.counters, self.sender.in_flight, self.store.delivery_stats)
 
     async def start(self) -> None:
         settings = self.settings
@@ -80,9 +94,19 @@ class Notifier:
             store=self.store,
             mailer=self.mailer,
             compose=message_composer(TemplateRenderer(), settings.mail_from),
+            retry=RetryPolicy(
+                max_attempts=settings.notifier_max_attempts,
+                base_delay_seconds=settings.notifier_retry_base_seconds,
+                max_delay_seconds=settings.notifier_retry_max_seconds,
+            ),
             send_timeout_seconds=settings.smtp_timeout_seconds,
+            claim_lease_seconds=settings.notifier_claim_seconds,
         )
         self.sender.start()
+        self._metrics_task = asyncio.create_task(
+            metrics.log_periodically(self._stats_for_log, settings.notifier_metrics_log_seconds, self._metrics_stop),
+            name="notifier-metrics",
+        )
 
         self.consumer = consumer_lib.StreamConsumer(
             engine=engine,
@@ -100,7 +124,16 @@ class Notifier:
         log.info("notifier started", extra={"stream": stream_name,
                                             "smtp": f"{settings.smtp_host}:{settings.smtp_port}"})
 
+    async def _stats_for_log(self) -> metrics.DeliveryStats:
+        stats = await self.delivery_stats()
+        assert stats is not None  # the log task starts after the sender
+        return stats
+
     async def stop(self) -> None:
+        self._metrics_stop.set()
+        if self._metrics_task is not None:
+            with contextlib.suppress(Exception):
+                await self._metrics_task
         if self.consumer is not None:
             await asyncio.to_thread(self.consumer.stop)
         if self.sender is not None:

@@ -21,9 +21,10 @@ from libs.db import make_engine
 from libs.errors import Unavailable
 from libs.grpc_server import ServiceHooks, in_daemon_thread, run_service
 from libs.kinesis import ENROLLMENT_EVENTS_STREAM, ensure_stream, kinesis_client, wait_for_kinesis
-from services.stats.adapters.tables import metadata
+from services.stats.adapters.tables import create_schema
 from services.stats.entrypoints.grpc_api import StatsServicer
 from services.stats.service_layer.projection import project_batch
+from services.stats.service_layer.rebuild import complete_older_read_model
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,10 @@ class StatsRuntime:
         """Blocking start-up (run in a daemon thread); returns once the consumer is ready."""
         settings = self.settings
         engine = make_engine(settings.stats_database_url)
-        metadata.create_all(engine)
+        create_schema(engine)
         consumer_lib.metadata.create_all(engine)
+        if complete_older_read_model(engine):
+            log.info("counted the aggregates an older version of the read model lacked")
         self.engine = engine
         client = kinesis_client(settings.aws_region, settings.aws_endpoint_url_kinesis)
         wait_for_kinesis(client)
@@ -93,7 +96,7 @@ def build_hooks(settings: StatsSettings) -> ServiceHooks:
 
     def register(server: grpc.aio.Server) -> None:
         stats_pb2_grpc.add_StatsServiceServicer_to_server(
-            StatsServicer(runtime.read_engine), server
+            StatsServicer(runtime.read_engine, settings.stats_page_token_secret.encode()), server
         )
 
     async def start() -> None:

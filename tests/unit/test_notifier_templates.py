@@ -1,4 +1,9 @@
-"""Notifier emails: every kind in every locale, and hostile input that must stay inert."""
+"""Notifier emails: every kind in every locale, and hostile input that must stay inert.
+
+The message bytes are written by domain.messages.compose_message, not by the standard
+library's generator, so they are checked here the way a mail server would see them:
+parsed back by the standard library, header by header, line by line.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import email.utils
 from email.message import EmailMessage
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.notifier.adapters.templates import TemplateRenderer
 from services.notifier.domain.messages import (
@@ -38,13 +45,31 @@ def _notification(kind: NotificationKind, locale: str = "en", **changes: str) ->
     return Notification(**fields)  # type: ignore[arg-type]
 
 
+def _raw(notification: Notification, mail_from: str = MAIL_FROM) -> bytes:
+    return compose_message(renderer.render(notification), mail_from=mail_from,
+                           recipient=validate_recipient(notification.recipient),
+                           kind=notification.kind.value, registration_id=notification.registration_id)
+
+
+def _parse(raw: bytes) -> EmailMessage:
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    assert not parsed.defects, parsed.defects
+    return parsed
+
+
 def _sent_form(notification: Notification) -> EmailMessage:
     """The message as a mail server would receive and parse it."""
-    message = compose_message(renderer.render(notification), mail_from=MAIL_FROM,
-                              recipient=validate_recipient(notification.recipient))
-    parsed = email.message_from_bytes(message.as_bytes(), policy=email.policy.default)
-    assert isinstance(parsed, EmailMessage)
-    return parsed
+    return _parse(_raw(notification))
+
+
+def _header_names(raw: bytes) -> list[str]:
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    return [line.split(b":", 1)[0].decode() for line in head.split(b"\r\n") if not line.startswith((b" ", b"\t"))]
+
+
+EXPECTED_HEADERS = ["From", "To", "Subject", "Date", "Message-ID", "Auto-Submitted", "X-Course-Signup-Kind",
+                    "X-Course-Signup-Registration", "MIME-Version", "Content-Type"]
 
 
 def _parts(message: EmailMessage) -> tuple[str, str]:
@@ -165,8 +190,72 @@ def test_anything_but_one_plain_address_is_an_invalid_recipient(address: str) ->
 
 def test_internationalized_address_is_kept_and_encoded_for_smtputf8() -> None:
     notification = _notification(NotificationKind.ENROLLED, "pt-BR", recipient="joão@exemplo.com.br")
-    message = compose_message(renderer.render(notification), mail_from=MAIL_FROM,
-                              recipient=validate_recipient(notification.recipient))
-    assert message.policy.utf8
-    parsed = email.message_from_bytes(message.as_bytes(), policy=email.policy.default)
-    assert parsed["To"] == "joão@exemplo.com.br"
+    raw = _raw(notification)
+    # RFC 6532: with SMTPUTF8 the address goes in the header as UTF-8, not encoded.
+    assert "To: joão@exemplo.com.br\r\n".encode() in raw
+    assert _parse(raw)["To"] == "joão@exemplo.com.br"
+
+
+def test_a_message_to_an_ascii_address_is_7_bit_with_crlf_lines_of_at_most_78_characters() -> None:
+    raw = _raw(_notification(NotificationKind.WAITLISTED, "pt-BR", name="João Ção " * 20,
+                             course_name="Física Avançada " * 20))
+    assert raw.isascii()
+    assert b"\n" not in raw.replace(b"\r\n", b"") and b"\r" not in raw.replace(b"\r\n", b"")
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 78
+    assert _header_names(raw) == EXPECTED_HEADERS
+
+
+def test_long_and_non_ascii_subjects_fold_and_decode_back_exactly() -> None:
+    for course_name in ["Física Avançada " * 30, "x" * 150 + " y", "Art =?utf-8?b?RXZl?= history"]:
+        notification = _notification(NotificationKind.ENROLLED, course_name=course_name)
+        message = _sent_form(notification)
+        assert message["Subject"] == renderer.render(notification).subject
+
+
+def test_text_that_looks_like_mime_structure_stays_inside_its_part() -> None:
+    notification = _notification(NotificationKind.ENROLLED, name="--=_boundary", course_name=".\r\n.\r\n--x--")
+    message = _sent_form(notification)
+    assert [part.get_content_type() for part in message.iter_parts()] == ["text/plain", "text/html"]
+    text, html = _parts(message)
+    assert "Hello --=_boundary," in text
+    assert "--=_boundary" in html
+
+
+def test_a_header_value_cannot_add_a_header() -> None:
+    raw = _raw(_notification(NotificationKind.RECEIVED, registration_id="reg-1\r\nBcc: eve@evil.test"))
+    assert _header_names(raw) == EXPECTED_HEADERS
+    assert _parse(raw)["X-Course-Signup-Registration"] == "reg-1 Bcc: eve@evil.test"
+
+
+def test_a_recipient_that_was_not_validated_is_refused_rather_than_written() -> None:
+    for address in ["ana@example.com\r\nBcc: eve@evil.test", "ana@example.com, eve@evil.test", "<ana@example.com>"]:
+        with pytest.raises(InvalidRecipient):
+            compose_message(renderer.render(_notification(NotificationKind.ENROLLED)), mail_from=MAIL_FROM,
+                            recipient=address)
+
+
+def test_a_non_ascii_sender_name_is_encoded_once_by_the_standard_library() -> None:
+    raw = _raw(_notification(NotificationKind.ENROLLED), mail_from="Inscrições <no-reply@course-signup.example>")
+    assert raw.isascii()
+    assert _parse(raw)["From"] == "Inscrições <no-reply@course-signup.example>"
+
+
+printable_text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=300)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=printable_text, course_name=printable_text, kind=st.sampled_from(list(NotificationKind)),
+       locale=st.sampled_from(["en", "pt-BR"]))
+def test_any_name_or_course_name_gives_the_same_headers_one_recipient_and_the_rendered_parts(
+    name: str, course_name: str, kind: NotificationKind, locale: str
+) -> None:
+    notification = _notification(kind, locale, name=name, course_name=course_name)
+    raw = _raw(notification)
+    assert _header_names(raw) == EXPECTED_HEADERS
+    message = _parse(raw)
+    assert email.utils.getaddresses(message.get_all("To", [])) == [("", "ana@example.com")]
+    rendered = renderer.render(notification)
+    assert message["Subject"] == rendered.subject
+    text, html = _parts(message)
+    assert text.replace("\r\n", "\n") == rendered.text
+    assert html.replace("\r\n", "\n") == rendered.html

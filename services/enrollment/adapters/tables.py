@@ -48,6 +48,9 @@ decisions = Table(
     Column("decide_time", DateTime(timezone=True), nullable=False),
     Column("shard_id", String(128), nullable=False),
     Column("sequence_number", String(128), nullable=False),
+    # Audit of the single writer: which worker decided, under which lease (fencing token).
+    Column("worker_id", String(128), nullable=False, default=""),
+    Column("lease_counter", Integer, nullable=False, default=0),
 )
 
 # One row per seat taken: the primary key makes a second seat for one email impossible.

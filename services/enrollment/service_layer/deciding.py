@@ -123,6 +123,8 @@ def decide_batch(conn: Connection, records: list[StreamRecord], streams: Streams
                 "decide_time": now,
                 "shard_id": record.shard_id,
                 "sequence_number": record.sequence_number,
+                "worker_id": record.worker_id,
+                "lease_counter": record.lease_counter,
             }
         )
         campus_id = course.campus_id if course else ""

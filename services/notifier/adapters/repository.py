@@ -7,10 +7,14 @@ lease, in one transaction (FOR UPDATE SKIP LOCKED on PostgreSQL; SQLite serializ
 writers with BEGIN IMMEDIATE), so two senders never hold the same row. Outcomes are
 written only if `attempts` still equals the claimed attempt: a sender whose claim
 expired and was re-claimed by another cannot overwrite the newer attempt.
+
+`delivery_stats` counts the queue for operators from the two partial indexes (pending
+rows, failed rows), so it stays cheap however many emails were sent.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -30,6 +34,8 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     bindparam,
+    case,
+    func,
     select,
     update,
 )
@@ -40,10 +46,12 @@ from services.notifier.domain.model import (
     Delivered,
     DeliveryStatus,
     GaveUp,
+    NotAttempted,
     Notification,
     NotificationKind,
     NotificationView,
     Outcome,
+    QueueStats,
     RetryLater,
 )
 
@@ -76,6 +84,13 @@ Index(
     notifications.c.next_attempt_at,
     postgresql_where=notifications.c.status == DeliveryStatus.PENDING.value,
     sqlite_where=notifications.c.status == DeliveryStatus.PENDING.value,
+)
+# Failed rows are few; this lets operators count them without scanning every email sent.
+Index(
+    "ix_notifications_failed",
+    notifications.c.id,
+    postgresql_where=notifications.c.status == DeliveryStatus.FAILED.value,
+    sqlite_where=notifications.c.status == DeliveryStatus.FAILED.value,
 )
 
 _MAX_ERROR_CHARS = 2000
@@ -175,7 +190,8 @@ class NotificationStore:
                 .where(t.c.id.in_([row.id for row in rows]))
                 .values(attempts=t.c.attempts + 1, next_attempt_at=now + lease_seconds)
             )
-        return [ClaimedNotification(row.id, row.attempts + 1, _notification(row)) for row in rows]
+        return [ClaimedNotification(row.id, row.attempts + 1, _notification(row), now + lease_seconds)
+                for row in rows]
 
     def record_outcomes(self, outcomes: Sequence[Outcome]) -> None:
         """Writes attempt outcomes in one transaction; stale claims change nothing."""
@@ -192,6 +208,9 @@ class NotificationStore:
                    for o in outcomes if isinstance(o, RetryLater)]
         failed = [{"b_id": o.claim_id, "b_attempt": o.attempt, "b_error": o.error[:_MAX_ERROR_CHARS]}
                   for o in outcomes if isinstance(o, GaveUp)]
+        # Handed back unsent: due again now, and the claim's attempt does not count.
+        unattempted = [{"b_id": o.claim_id, "b_attempt": o.attempt, "b_due": time.time()}
+                       for o in outcomes if isinstance(o, NotAttempted)]
         with self.engine.begin() as conn:
             if sent:
                 conn.execute(
@@ -213,6 +232,11 @@ class NotificationStore:
                         status=DeliveryStatus.FAILED.value, last_error=bindparam("b_error"), next_attempt_at=None
                     ),
                     failed,
+                )
+            if unattempted:
+                conn.execute(
+                    update(t).where(*still_mine).values(attempts=t.c.attempts - 1, next_attempt_at=bindparam("b_due")),
+                    unattempted,
                 )
 
     def release(self, claims: Sequence[ClaimedNotification], now: float) -> None:
@@ -248,3 +272,29 @@ class NotificationStore:
             )
             for row in rows
         ]
+
+    def delivery_stats(self, now: float) -> QueueStats:
+        """The queue as an operator sees it, over every notifier process sharing the database."""
+        t = notifications
+        pending = t.c.status == DeliveryStatus.PENDING.value
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(
+                    func.count(),
+                    func.coalesce(func.sum(case((t.c.next_attempt_at <= now, 1), else_=0)), 0),
+                    func.coalesce(func.sum(case((t.c.last_error.is_not(None), 1), else_=0)), 0),
+                    func.min(t.c.create_time),
+                ).where(pending)
+            ).one()
+            failed = conn.execute(
+                select(func.count()).select_from(t).where(t.c.status == DeliveryStatus.FAILED.value)
+            ).scalar_one()
+        oldest = _utc(row[3])
+        return QueueStats(
+            pending=int(row[0]),
+            due=int(row[1]),
+            retrying=int(row[2]),
+            failed=int(failed),
+            oldest_pending_seconds=max(0.0, now - oldest.timestamp()) if oldest is not None else 0.0,
+        )
+

@@ -7,6 +7,8 @@ deadline covering connect and transfer. A connection that failed or timed out is
 closed rather than reused; a reused connection the server had meanwhile dropped is
 replaced once, transparently. aiosmtplib errors become the domain's transient or
 permanent delivery errors: 4xx and connection trouble are transient, 5xx permanent.
+Messages arrive as bytes (domain.messages.compose_message); an address outside ASCII
+makes the transaction ask for SMTPUTF8, and a server without it is a permanent failure.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import logging
 import socket
 import ssl
 from dataclasses import dataclass
-from email.message import EmailMessage
 
 import aiosmtplib
 
@@ -73,7 +74,7 @@ class SmtpMailer:
         self._idle: list[aiosmtplib.SMTP] = []
         self._closed = False
 
-    async def send(self, message: EmailMessage, recipient: str) -> None:
+    async def send(self, message: bytes, recipient: str) -> None:
         """Delivers `message` to exactly `recipient` (the envelope never reads the headers)."""
         async with self._slots:
             if self._closed:
@@ -93,7 +94,7 @@ class SmtpMailer:
                 raise
             await self._give_back(checkout.connection)
 
-    async def _send_on(self, checkout: _Checkout, message: EmailMessage, recipient: str) -> None:
+    async def _send_on(self, checkout: _Checkout, message: bytes, recipient: str) -> None:
         reused = checkout.connection is not None and checkout.connection.is_connected
         if not reused:
             self._discard(checkout.connection)
@@ -125,6 +126,12 @@ class SmtpMailer:
         )
         try:
             await connection.connect()
+            if connection.is_ehlo_or_helo_needed:
+                # Greet now, so each message's options can depend on the server's extensions.
+                try:
+                    await connection.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    await connection.helo()
         except BaseException:
             # A failed STARTTLS or AUTH leaves the socket open.
             self._discard(connection)
@@ -142,17 +149,23 @@ class SmtpMailer:
         except (aiosmtplib.SMTPException, OSError) as error:
             raise TransientDeliveryError(f"SMTP connect failed: {type(error).__name__}: {error}") from error
 
-    async def _transfer(self, checkout: _Checkout, message: EmailMessage, recipient: str) -> None:
+    async def _transfer(self, checkout: _Checkout, message: bytes, recipient: str) -> None:
         connection = checkout.connection
         if connection is None:
             raise TransientDeliveryError("no SMTP connection")
+        options = []
+        if not (recipient.isascii() and self.envelope_sender.isascii()):
+            options.append("SMTPUTF8")
+        if not message.isascii() and connection.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
         try:
-            await connection.send_message(message, sender=self.envelope_sender, recipients=[recipient])
+            await connection.sendmail(self.envelope_sender, [recipient], message, mail_options=options)
         except aiosmtplib.SMTPServerDisconnected:
             raise
         except aiosmtplib.SMTPRecipientsRefused as error:
-            checkout.reusable = True  # aiosmtplib reset the transaction with RSET
             refusal = error.recipients[0]
+            # aiosmtplib reset the transaction with RSET; after 421 it closed the connection.
+            checkout.reusable = refusal.code != 421
             raise _reply_error(refusal.code, refusal.message) from error
         except aiosmtplib.SMTPResponseException as error:
             checkout.reusable = error.code != 421  # 421: the server is closing the connection

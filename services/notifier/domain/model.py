@@ -20,6 +20,9 @@ class NotificationKind(enum.StrEnum):
     ENROLLED = "ENROLLED"
     DECLINED_FULL = "DECLINED_FULL"
     DECLINED_DUPLICATE = "DECLINED_DUPLICATE"
+    CANCELLED = "CANCELLED"
+    WAITLISTED = "WAITLISTED"
+    PROMOTED = "PROMOTED"
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -47,11 +50,14 @@ class ClaimedNotification:
 
     `attempt` is the attempts counter after the claim incremented it; it doubles as a
     fencing token: the outcome is recorded only if nobody re-claimed the row since.
+    `claimed_until` (epoch seconds) is when the claim lapses and another sender may
+    take the row: a send must not start so late that it could still run by then.
     """
 
     id: int
     attempt: int
     notification: Notification
+    claimed_until: float = float("inf")
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,22 @@ class NotificationView:
     last_error: str | None
     create_time: datetime
     send_time: datetime | None
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """The notifications table as an operator watches it."""
+
+    # Neither sent nor failed yet: the queue depth.
+    pending: int
+    # Pending and due now: not claimed by a sender, not waiting out a retry backoff.
+    due: int
+    # Pending after at least one failed attempt.
+    retrying: int
+    # Ended FAILED.
+    failed: int
+    # How long the oldest pending notification has waited.
+    oldest_pending_seconds: float
 
 
 class DeliveryError(Exception):
@@ -113,7 +135,15 @@ class GaveUp:
     error: str
 
 
-Outcome = Delivered | RetryLater | GaveUp
+@dataclass(frozen=True)
+class NotAttempted:
+    """The claim ran too short to start the send in time: due again, the attempt not counted."""
+
+    claim_id: int
+    attempt: int
+
+
+Outcome = Delivered | RetryLater | GaveUp | NotAttempted
 
 
 @dataclass(frozen=True)

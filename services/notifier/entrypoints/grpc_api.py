@@ -1,19 +1,21 @@
-"""The gRPC API: ListNotifications, the log of emails sent about one registration."""
+"""The gRPC API: ListNotifications (the log of emails about one registration) and
+GetDeliveryStats (sent, failed and retried counters, and the queue depth)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from coursesignup.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 from libs.errors import InvalidArgument, Unavailable
 from services.notifier.adapters.repository import NotificationStore
 from services.notifier.domain.model import DeliveryStatus, NotificationView
 from services.notifier.entrypoints.stream import KIND_TO_PROTO, MAX_REGISTRATION_ID_CHARS
+from services.notifier.service_layer.metrics import DeliveryStats
 
 SERVICE_NAME = notifier_pb2.DESCRIPTOR.services_by_name["NotifierService"].full_name
 
@@ -46,9 +48,14 @@ def _to_proto(view: NotificationView) -> notifier_pb2.Notification:
 
 
 class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
-    def __init__(self, store: Callable[[], NotificationStore | None]) -> None:
-        # The store exists once the service's start-up made the engine.
+    def __init__(
+        self,
+        store: Callable[[], NotificationStore | None],
+        stats: Callable[[], Awaitable[DeliveryStats | None]],
+    ) -> None:
+        # The store and the figures exist once the service's start-up made the engine and sender.
         self._store = store
+        self._stats = stats
 
     async def ListNotifications(
         self, request: notifier_pb2.ListNotificationsRequest, context: grpc.aio.ServicerContext
@@ -67,3 +74,25 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             raise Unavailable("the notifier is starting; try again shortly")
         views = await asyncio.to_thread(store.list_for_registration, registration_id)
         return notifier_pb2.ListNotificationsResponse(notifications=[_to_proto(view) for view in views])
+
+    async def GetDeliveryStats(
+        self, request: notifier_pb2.GetDeliveryStatsRequest, context: grpc.aio.ServicerContext
+    ) -> notifier_pb2.GetDeliveryStatsResponse:
+        stats = await self._stats()
+        if stats is None:
+            raise Unavailable("the notifier is starting; try again shortly")
+        counters, queue = stats.counters, stats.queue
+        age = duration_pb2.Duration()
+        age.FromMilliseconds(round(queue.oldest_pending_seconds * 1000))
+        return notifier_pb2.GetDeliveryStatsResponse(
+            start_time=_timestamp(counters.start_time),
+            sent_since_start=counters.sent,
+            failed_since_start=counters.failed,
+            retried_since_start=counters.retried,
+            in_flight=stats.in_flight,
+            pending_count=queue.pending,
+            due_count=queue.due,
+            retrying_count=queue.retrying,
+            failed_count=queue.failed,
+            oldest_pending_age=age,
+        )

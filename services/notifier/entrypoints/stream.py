@@ -20,6 +20,9 @@ KIND_FROM_PROTO = {
     events_pb2.NOTIFICATION_KIND_ENROLLED: NotificationKind.ENROLLED,
     events_pb2.NOTIFICATION_KIND_DECLINED_FULL: NotificationKind.DECLINED_FULL,
     events_pb2.NOTIFICATION_KIND_DECLINED_DUPLICATE: NotificationKind.DECLINED_DUPLICATE,
+    events_pb2.NOTIFICATION_KIND_CANCELLED: NotificationKind.CANCELLED,
+    events_pb2.NOTIFICATION_KIND_WAITLISTED: NotificationKind.WAITLISTED,
+    events_pb2.NOTIFICATION_KIND_PROMOTED: NotificationKind.PROMOTED,
 }
 KIND_TO_PROTO = {kind: proto for proto, kind in KIND_FROM_PROTO.items()}
 

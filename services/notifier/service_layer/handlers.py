@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from email.message import EmailMessage
 
 from sqlalchemy import Connection
 
@@ -32,7 +31,7 @@ def record_notifications(conn: Connection, commands: Sequence[Notification]) -> 
 
 
 def message_composer(renderer: TemplateRenderer, mail_from: str) -> Composer:
-    def compose(notification: Notification, recipient: str) -> EmailMessage:
+    def compose(notification: Notification, recipient: str) -> bytes:
         return compose_message(
             renderer.render(notification), mail_from=mail_from, recipient=recipient,
             kind=notification.kind.value, registration_id=notification.registration_id,

@@ -2,10 +2,16 @@
 
 It claims due rows (woken when the consumer commits new ones, and polling every
 second as a fallback, which also picks up rows left behind by a crashed process once
-their claim lease expires), keeps up to `capacity` sends in flight, and records the
-outcomes in batches: SENT, retry later (transient failure: backoff with jitter), or
-FAILED (permanent failure, invalid recipient, or out of attempts). All database work
-runs in threads (asyncio.to_thread); the consumer's checkpoint never waits for SMTP.
+their claim lease expires), keeps up to `capacity` claimed rows in hand and one send
+per SMTP connection in progress, and records the outcomes in batches: SENT, retry
+later (transient failure: backoff with jitter), or FAILED (permanent failure, invalid
+recipient, or out of attempts). All database work runs in threads (asyncio.to_thread);
+the consumer's checkpoint never waits for SMTP.
+
+A claim lasts `claim_lease_seconds` (by default twice the SMTP timeout plus 5 s, so a
+crashed sender's rows are picked up again within that time). A claimed row waiting
+for a connection behind slow sends is not sent once the send could outlast its claim
+(another sender might take the row then): it is handed back, its attempt uncounted.
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from email.message import EmailMessage
 from typing import Protocol
 
 from libs.logs import pseudonym
@@ -25,12 +30,14 @@ from services.notifier.domain.model import (
     Delivered,
     DeliveryError,
     GaveUp,
+    NotAttempted,
     Notification,
     Outcome,
     RetryLater,
     RetryPolicy,
     TransientDeliveryError,
 )
+from services.notifier.service_layer.metrics import DeliveryCounters
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +45,7 @@ log = logging.getLogger(__name__)
 class Mailer(Protocol):
     max_connections: int
 
-    async def send(self, message: EmailMessage, recipient: str) -> None: ...
+    async def send(self, message: bytes, recipient: str) -> None: ...
 
 
 class Store(Protocol):
@@ -49,8 +56,8 @@ class Store(Protocol):
     def release(self, claims: list[ClaimedNotification], now: float) -> None: ...
 
 
-# Builds the message for a notification and its validated recipient address.
-Composer = Callable[[Notification, str], EmailMessage]
+# Builds the message (bytes to send) for a notification and its validated recipient address.
+Composer = Callable[[Notification, str], bytes]
 
 
 class Sender:
@@ -73,10 +80,15 @@ class Sender:
         self._retry = retry or RetryPolicy()
         # Messages queued per connection keep every connection busy, and claiming in
         # larger batches means fewer database transactions competing for the GIL.
-        self._capacity = capacity or mailer.max_connections * 8
-        # A claim must outlive the wait for a connection plus the send itself.
-        queue_depth = self._capacity / mailer.max_connections
-        self._claim_lease = claim_lease_seconds or send_timeout_seconds * (queue_depth + 2) + 5
+        self._capacity = capacity or mailer.max_connections * 16
+        self._send_timeout = send_timeout_seconds
+        self._claim_lease = claim_lease_seconds or 2 * send_timeout_seconds + 5
+        if self._claim_lease <= send_timeout_seconds:
+            raise ValueError("the claim lease must be longer than the SMTP timeout")
+        # A send starts only if it ends (at the latest) this long before the claim lapses,
+        # leaving time to record its outcome.
+        self._record_slack = (self._claim_lease - send_timeout_seconds) / 2
+        self._send_slots = asyncio.Semaphore(mailer.max_connections)
         self._poll_seconds = poll_seconds
         self._record_window = record_window_seconds
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -89,7 +101,15 @@ class Sender:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._recorder: asyncio.Task[None] | None = None
-        self.sent = 0
+        self.counters = DeliveryCounters()
+
+    @property
+    def sent(self) -> int:
+        return self.counters.sent
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
 
     # lifecycle -------------------------------------------------------------------
 
@@ -134,30 +154,40 @@ class Sender:
     # claiming ---------------------------------------------------------------------
 
     async def _run(self) -> None:
+        # Claims come in batches (fewer transactions competing for the GIL): once half
+        # the capacity is free again, or whenever nothing is in hand.
+        refill_at = max(1, self._capacity // 2)
         while not self._stopping:
             self._wake.clear()
             free = self._capacity - len(self._in_flight)
-            claimed: list[ClaimedNotification] = []
-            if free > 0:
-                try:
-                    claimed = await asyncio.to_thread(
-                        self._store.claim_due, now=time.time(), limit=free, lease_seconds=self._claim_lease
-                    )
-                except Exception as error:  # noqa: BLE001 - the database may come back
-                    log.warning("claiming notifications failed",
-                                extra={"error": f"{type(error).__name__}: {str(error)[:300]}"})
-                for claim in claimed:
-                    task = asyncio.create_task(self._deliver(claim))
-                    self._in_flight[task] = claim
-                    task.add_done_callback(self._finished)
-                if claimed and len(claimed) == free:
-                    continue  # more may be due right now
+            if free >= refill_at or (free > 0 and not self._in_flight):
+                claimed = await self._claim(free)
+                if claimed == free:
+                    # More may be due right now: claim again as soon as there is room.
+                    self._waiting_for_slots = True
+                    if self._capacity - len(self._in_flight) >= refill_at:
+                        continue
             else:
                 self._waiting_for_slots = True
             try:
                 await asyncio.wait_for(self._wake.wait(), self._poll_seconds)
             except TimeoutError:
                 pass
+
+    async def _claim(self, limit: int) -> int:
+        try:
+            claimed = await asyncio.to_thread(
+                self._store.claim_due, now=time.time(), limit=limit, lease_seconds=self._claim_lease
+            )
+        except Exception as error:  # noqa: BLE001 - the database may come back
+            log.warning("claiming notifications failed",
+                        extra={"error": f"{type(error).__name__}: {str(error)[:300]}"})
+            return 0
+        for claim in claimed:
+            task = asyncio.create_task(self._deliver(claim))
+            self._in_flight[task] = claim
+            task.add_done_callback(self._finished)
+        return len(claimed)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(task, None)
@@ -168,27 +198,43 @@ class Sender:
     # sending ------------------------------------------------------------------------
 
     async def _deliver(self, claim: ClaimedNotification) -> None:
+        async with self._send_slots:
+            outcome = await self._attempt(claim)
+        self._count(outcome)
+        self._log(claim, outcome)
+        self._outcomes.append(outcome)
+        self._outcomes_ready.set()
+
+    async def _attempt(self, claim: ClaimedNotification) -> Outcome:
+        if time.time() + self._send_timeout > claim.claimed_until - self._record_slack:
+            return NotAttempted(claim.id, claim.attempt)
         notification = claim.notification
         try:
             recipient = validate_recipient(notification.recipient)
             message = self._compose(notification, recipient)
             await self._mailer.send(message, recipient)
         except DeliveryError as error:
-            outcome = self._retry.after_failure(claim, error, time.time())
+            return self._retry.after_failure(claim, error, time.time())
         except Exception as error:
             log.exception("unexpected error sending a notification",
                           extra={"registration_id": notification.registration_id})
-            outcome = self._retry.after_failure(
+            return self._retry.after_failure(
                 claim, TransientDeliveryError(f"unexpected error: {type(error).__name__}: {error}"), time.time()
             )
-        else:
-            outcome = Delivered(claim.id, claim.attempt, datetime.now(UTC))
-        self._log(claim, outcome)
-        self._outcomes.append(outcome)
-        self._outcomes_ready.set()
+        return Delivered(claim.id, claim.attempt, datetime.now(UTC))
+
+    def _count(self, outcome: Outcome) -> None:
+        if isinstance(outcome, Delivered):
+            self.counters.sent += 1
+        elif isinstance(outcome, RetryLater):
+            self.counters.retried += 1
+        elif isinstance(outcome, GaveUp):
+            self.counters.failed += 1
 
     @staticmethod
     def _log(claim: ClaimedNotification, outcome: Outcome) -> None:
+        if isinstance(outcome, Delivered) and not log.isEnabledFor(logging.DEBUG):
+            return  # the common case, thousands a second: skip building the fields
         notification = claim.notification
         fields = {
             "registration_id": notification.registration_id,
@@ -204,6 +250,8 @@ class Sender:
                             "retry_in_seconds": round(outcome.next_attempt_at - time.time(), 2)})
         elif isinstance(outcome, GaveUp):
             log.warning("notification failed", extra={**fields, "error": outcome.error[:300]})
+        elif isinstance(outcome, NotAttempted):
+            log.info("notification handed back unsent: its claim would lapse during the send", extra=fields)
 
     # recording ------------------------------------------------------------------------
 
@@ -220,7 +268,6 @@ class Sender:
             if batch:
                 try:
                     await asyncio.to_thread(self._store.record_outcomes, batch)
-                    self.sent += sum(isinstance(o, Delivered) for o in batch)
                     failures = 0
                 except Exception as error:  # noqa: BLE001 - keep them and try again
                     failures += 1

@@ -10,15 +10,22 @@ looks at individual enrollments:
                    still ahead of (t.month, t.day) in the year)
 
 The youngest student is the one with the latest birth date and the oldest the one with
-the earliest, because age never increases with the birth date. A date before a
-student's birth gives a negative age; the same arithmetic holds, so figures stay exact.
+the earliest, because age never increases with the birth date. For the same reason the
+median student is the middle one in birth-date order: counts per birth year say which
+year holds the middle rank, and that year's birth dates (at most 366) say which date.
+A date before a student's birth gives a negative age; the same arithmetic holds, so
+figures stay exact.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
+from typing import TypeVar
+
+K = TypeVar("K")
 
 
 def birthday_not_reached(birth_date: date, as_of: date) -> bool:
@@ -82,3 +89,38 @@ def metrics_on(sums: BirthDateTally, as_of: date) -> AgeMetrics:
         max_age=age_on(sums.earliest_birth_date, as_of),
         average_age=total_age / sums.students,
     )
+
+
+def median_ranks(students: int) -> tuple[int, int]:
+    """The 0-based ranks of the middle student(s): one rank twice when the count is odd."""
+    return (students - 1) // 2, students // 2
+
+
+def locate(counts: Iterable[tuple[K, int]], rank: int) -> tuple[K, int]:
+    """Walking (key, students) pairs in order: the key holding the rank-th student (0-based)
+    and that student's rank within the key."""
+    seen = 0
+    for key, students in counts:
+        if rank < seen + students:
+            return key, rank - seen
+        seen += students
+    raise ValueError(f"rank {rank} is beyond the {seen} students counted")
+
+
+def median_age(counts: Mapping[date, int], as_of: date) -> float:
+    """The median age on as_of of the students counted per birth date (0 for none)."""
+    ordered = sorted((birth, n) for birth, n in counts.items() if n > 0)
+    students = sum(n for _, n in ordered)
+    if not students:
+        return 0.0
+    middle = [locate(ordered, rank)[0] for rank in median_ranks(students)]
+    return sum(age_on(birth, as_of) for birth in middle) / 2
+
+
+def age_histogram(counts: Mapping[date, int], as_of: date) -> dict[int, int]:
+    """Students per age on as_of, ages in increasing order, ages without students left out."""
+    histogram: Counter[int] = Counter()
+    for birth, n in counts.items():
+        if n > 0:
+            histogram[age_on(birth, as_of)] += n
+    return dict(sorted(histogram.items()))

@@ -1,8 +1,9 @@
-"""The StatsService gRPC servicer (grpc.aio): validates requests and reads metrics.
+"""The StatsService gRPC servicer (grpc.aio): validates requests and reads the read model.
 
 Database reads run in worker threads (asyncio.to_thread) so the event loop keeps
 serving. The stats service does not own the catalogue, so it cannot tell an unknown
-course or campus from one without students: both get zeros.
+course or campus from one without students: both get zeros (and QueryCourseStats
+leaves them out).
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import UTC, date, datetime
-from typing import TypeAlias
+from typing import Protocol
 
 import grpc
+from google.protobuf import timestamp_pb2
 from google.type import date_pb2
 from sqlalchemy import Engine
 
@@ -20,28 +22,51 @@ from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from libs.errors import Validator
 from libs.ids import check_resource_id
 from services.stats.domain.model import OVERALL_SCOPE, campus_scope, course_scope
-from services.stats.service_layer import views
+from services.stats.service_layer import queries, views
 
-AgeStatsRequest: TypeAlias = (
-    stats_pb2.GetCourseStatsRequest | stats_pb2.GetCampusStatsRequest | stats_pb2.GetOverallStatsRequest
-)
+
+class _DatedRequest(Protocol):
+    @property
+    def as_of(self) -> date_pb2.Date: ...
+
+    def HasField(self, field_name: str) -> bool: ...  # noqa: N802 - protobuf method
+
+
+class _ListingRequest(_DatedRequest, Protocol):
+    @property
+    def filter(self) -> str: ...
+    @property
+    def order_by(self) -> str: ...
+    @property
+    def page_size(self) -> int: ...
+    @property
+    def page_token(self) -> str: ...
+
+
+_VIEWS = {
+    stats_pb2.AGE_STATS_VIEW_UNSPECIFIED: False,
+    stats_pb2.AGE_STATS_VIEW_BASIC: False,
+    stats_pb2.AGE_STATS_VIEW_FULL: True,
+}
 
 
 class StatsServicer(stats_pb2_grpc.StatsServiceServicer):
-    def __init__(self, engine: Callable[[], Engine]) -> None:
+    def __init__(self, engine: Callable[[], Engine], page_token_key: bytes) -> None:
         # A callable, because the database is opened by the start hook, after the
         # servicer is registered; it raises Unavailable until then.
         self._engine = engine
+        self._page_token_key = page_token_key
 
     async def GetCourseStats(  # noqa: N802 - gRPC method name
         self, request: stats_pb2.GetCourseStatsRequest, context: grpc.aio.ServicerContext
     ) -> stats_pb2.AgeStats:
         validator = Validator()
         check_resource_id(validator, "course_id", request.course_id)
-        as_of = _as_of(validator, request)
+        as_of = _as_of(validator, request) or _today()
+        with_histogram = _view(validator, request.view)
         validator.check()
         return await self._age_stats(
-            f"courses/{request.course_id}", course_scope(request.course_id), as_of
+            f"courses/{request.course_id}", course_scope(request.course_id), as_of, with_histogram
         )
 
     async def GetCampusStats(  # noqa: N802 - gRPC method name
@@ -49,44 +74,138 @@ class StatsServicer(stats_pb2_grpc.StatsServiceServicer):
     ) -> stats_pb2.AgeStats:
         validator = Validator()
         check_resource_id(validator, "campus_id", request.campus_id)
-        as_of = _as_of(validator, request)
+        as_of = _as_of(validator, request) or _today()
+        with_histogram = _view(validator, request.view)
         validator.check()
         return await self._age_stats(
-            f"campuses/{request.campus_id}", campus_scope(request.campus_id), as_of
+            f"campuses/{request.campus_id}", campus_scope(request.campus_id), as_of, with_histogram
         )
 
     async def GetOverallStats(  # noqa: N802 - gRPC method name
         self, request: stats_pb2.GetOverallStatsRequest, context: grpc.aio.ServicerContext
     ) -> stats_pb2.AgeStats:
         validator = Validator()
-        as_of = _as_of(validator, request)
+        as_of = _as_of(validator, request) or _today()
+        with_histogram = _view(validator, request.view)
         validator.check()
-        return await self._age_stats("overall", OVERALL_SCOPE, as_of)
+        return await self._age_stats("overall", OVERALL_SCOPE, as_of, with_histogram)
 
-    async def _age_stats(self, name: str, scope: str, as_of: date) -> stats_pb2.AgeStats:
-        metrics = await asyncio.to_thread(views.age_metrics, self._engine(), scope, as_of)
+    async def QueryCourseStats(  # noqa: N802 - gRPC method name
+        self, request: stats_pb2.QueryCourseStatsRequest, context: grpc.aio.ServicerContext
+    ) -> stats_pb2.QueryCourseStatsResponse:
+        validator = Validator()
+        listing = _listing(validator, request)
+        validator.check()
+        page = await asyncio.to_thread(
+            queries.query_course_stats, self._engine(), listing, self._page_token_key
+        )
+        return stats_pb2.QueryCourseStatsResponse(
+            course_stats=[
+                stats_pb2.CourseStats(
+                    course_id=row.course_id,
+                    campus_id=row.campus_id,
+                    student_count=row.student_count,
+                    min_age=row.min_age,
+                    max_age=row.max_age,
+                    average_age=row.average_age,
+                    median_age=row.median_age,
+                )
+                for row in page.items
+            ],
+            next_page_token=page.next_page_token,
+            as_of=_date_message(page.as_of),
+        )
+
+    async def ListEnrollments(  # noqa: N802 - gRPC method name
+        self, request: stats_pb2.ListEnrollmentsRequest, context: grpc.aio.ServicerContext
+    ) -> stats_pb2.ListEnrollmentsResponse:
+        validator = Validator()
+        check_resource_id(validator, "course_id", request.course_id)
+        listing = _listing(validator, request)
+        validator.check()
+        page = await asyncio.to_thread(
+            queries.list_enrollments, self._engine(), request.course_id, listing, self._page_token_key
+        )
+        return stats_pb2.ListEnrollmentsResponse(
+            enrollments=[
+                stats_pb2.Enrollment(
+                    registration_id=entry.registration_id,
+                    name=entry.name,
+                    email=entry.email,
+                    age=entry.age,
+                    birth_date=_date_message(entry.birth_date),
+                    enroll_time=_timestamp(entry.enroll_time),
+                )
+                for entry in page.items
+            ],
+            next_page_token=page.next_page_token,
+            as_of=_date_message(page.as_of),
+        )
+
+    async def _age_stats(
+        self, name: str, scope: str, as_of: date, with_histogram: bool
+    ) -> stats_pb2.AgeStats:
+        stats = await asyncio.to_thread(views.age_stats, self._engine(), scope, as_of, with_histogram)
+        metrics = stats.metrics
         return stats_pb2.AgeStats(
             scope=name,
             student_count=metrics.student_count,
             min_age=metrics.min_age,
             max_age=metrics.max_age,
             average_age=metrics.average_age,
-            as_of=date_pb2.Date(year=as_of.year, month=as_of.month, day=as_of.day),
+            as_of=_date_message(as_of),
+            median_age=stats.median_age,
+            age_histogram=[
+                stats_pb2.AgeBucket(age=age, student_count=count)
+                for age, count in (stats.histogram or {}).items()
+            ],
         )
 
 
-def _as_of(validator: Validator, request: AgeStatsRequest) -> date:
-    """The requested date; today in UTC when unset (an all-zero Date counts as unset)."""
-    today = datetime.now(UTC).date()
+def _listing(validator: Validator, request: _ListingRequest) -> queries.ListingRequest:
+    if request.page_size < 0:
+        validator.add("page_size", "must not be negative")
+    return queries.ListingRequest(
+        filter=request.filter,
+        order_by=request.order_by,
+        page_size=max(request.page_size, 0),
+        page_token=request.page_token,
+        as_of=_as_of(validator, request),
+    )
+
+
+def _view(validator: Validator, view: int) -> bool:
+    if view not in _VIEWS:
+        validator.add("view", "must be AGE_STATS_VIEW_BASIC or AGE_STATS_VIEW_FULL")
+        return False
+    return _VIEWS[view]
+
+
+def _today() -> date:
+    return datetime.now(UTC).date()
+
+
+def _as_of(validator: Validator, request: _DatedRequest) -> date | None:
+    """The requested date; None when unset (an all-zero Date counts as unset)."""
     if not request.HasField("as_of"):
-        return today
+        return None
     given = request.as_of
     if (given.year, given.month, given.day) == (0, 0, 0):
-        return today
+        return None
     try:
         return date(given.year, given.month, given.day)
     except ValueError:
         validator.add(
             "as_of", "must be a full calendar date (year 1-9999, month 1-12, a day of that month)"
         )
-        return today
+        return None
+
+
+def _date_message(day: date) -> date_pb2.Date:
+    return date_pb2.Date(year=day.year, month=day.month, day=day.day)
+
+
+def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp

@@ -9,28 +9,36 @@ Each batch is applied with a handful of upserts, one per table, each sent with
 executemany (which SQLAlchemy turns into multi-row statements), whatever the batch
 size. Rows are written in key order so that two workers updating the same campus or
 overall rows lock them in the same order. Removal (`remove_enrollments`) is the exact
-inverse, ready for cancellations.
+inverse, ready for cancellations. Every aggregate is a function of the roster's live
+rows alone, whatever order events arrive in, so `recount_from_roster` (and the
+rebuild command built on it) ends exactly where the incremental projection does.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Table, bindparam, delete, update
+from sqlalchemy import Connection, Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from coursesignup.events.v1 import events_pb2
 from libs.consumer import StreamRecord, decode_or_dead_letter
 from libs.envelope import MalformedRecord, decode_envelope
 from services.stats.adapters.tables import (
+    AGGREGATE_TABLES,
+    BIRTH_MONTHS,
     age_buckets,
     age_totals,
+    age_years,
     birthday_buckets,
+    born_in_month,
     campus_students,
+    course_summaries,
     roster,
     students,
 )
@@ -108,31 +116,19 @@ def add_enrollments(conn: Connection, events: Iterable[StudentEnrolled]) -> int:
         first_seen.setdefault(event.registration_id, event)
     if not first_seen:
         return 0
-    statement = _insert(conn, roster).on_conflict_do_nothing(index_elements=["registration_id"])
+    statement = upsertable_insert(conn, roster).on_conflict_do_nothing(index_elements=["registration_id"])
     inserted = set(
         conn.execute(
             statement.returning(roster.c.registration_id),
             [_roster_row(first_seen[rid]) for rid in sorted(first_seen)],
         ).scalars()
     )
-    fresh = [event for rid, event in first_seen.items() if rid in inserted]
-    if not fresh:
-        return 0
-
-    deltas: Counter[BucketKey] = Counter()
-    campus_additions: dict[Key, tuple[date, int]] = {}
-    overall_additions: dict[Key, tuple[date, int]] = {}
-    for event in fresh:
-        deltas[(course_scope(event.course_id), event.birth_date)] += 1
-        _count(campus_additions, (event.campus_id, event.email), event.birth_date)
-        _count(overall_additions, (event.email,), event.birth_date)
-    for (campus_id, _email), birth_date in _join(
-        conn, campus_students, ("campus_id", "email"), campus_additions
-    ):
-        deltas[(campus_scope(campus_id), birth_date)] += 1
-    for _key, birth_date in _join(conn, students, ("email",), overall_additions):
-        deltas[(OVERALL_SCOPE, birth_date)] += 1
-    _apply_age_deltas(conn, deltas)
+    fresh = [
+        _Change(event.course_id, event.campus_id, event.email, event.birth_date, +1)
+        for rid, event in first_seen.items()
+        if rid in inserted
+    ]
+    _apply_changes(conn, fresh)
     return len(fresh)
 
 
@@ -144,96 +140,230 @@ def remove_enrollments(
     The roster rows stay, marked removed: a redelivered enrollment then still finds its
     row and changes nothing, and a redelivered removal finds it already removed.
     """
-    removed: list[Any] = []
+    removed: list[_Change] = []
     for chunk in _chunks(sorted(set(registration_ids))):
         removed.extend(
-            conn.execute(
+            _Change(row.course_id, row.campus_id, row.email, row.birth_date, -1)
+            for row in conn.execute(
                 update(roster)
                 .where(roster.c.registration_id.in_(chunk), roster.c.removed_time.is_(None))
                 .values(removed_time=removed_time)
                 .returning(
                     roster.c.course_id, roster.c.campus_id, roster.c.email, roster.c.birth_date
                 )
-            ).all()
+            )
         )
-    deltas: Counter[BucketKey] = Counter()
-    for row in removed:
-        deltas[(course_scope(row.course_id), row.birth_date)] -= 1
-    campus_losses: Counter[Key] = Counter((row.campus_id, row.email) for row in removed)
-    for (campus_id, _email), birth_date in _leave(
-        conn, campus_students, ("campus_id", "email"), campus_losses
-    ):
-        deltas[(campus_scope(campus_id), birth_date)] -= 1
-    overall_losses: Counter[Key] = Counter((row.email,) for row in removed)
-    for _key, birth_date in _leave(conn, students, ("email",), overall_losses):
-        deltas[(OVERALL_SCOPE, birth_date)] -= 1
-    _apply_age_deltas(conn, deltas)
+    _apply_changes(conn, removed)
     return len(removed)
+
+
+def recount_from_roster(
+    conn: Connection, chunk_size: int = 5000, progress: Callable[[int], None] | None = None
+) -> int:
+    """Empties every aggregate and counts the roster's live rows again; returns how many.
+
+    The result is what the events would have produced in any order: the aggregates are
+    a function of the live roster alone. Used by the rebuild command, and at start when
+    the tables of an older version of the read model are found.
+    """
+    for table in reversed(AGGREGATE_TABLES):
+        conn.execute(delete(table))
+    counted = 0
+    last_id = ""
+    while True:
+        rows = conn.execute(
+            select(
+                roster.c.registration_id,
+                roster.c.course_id,
+                roster.c.campus_id,
+                roster.c.email,
+                roster.c.birth_date,
+            )
+            .where(roster.c.removed_time.is_(None), roster.c.registration_id > last_id)
+            .order_by(roster.c.registration_id)
+            .limit(chunk_size)
+        ).all()
+        if not rows:
+            return counted
+        _apply_changes(
+            conn, [_Change(r.course_id, r.campus_id, r.email, r.birth_date, +1) for r in rows]
+        )
+        counted += len(rows)
+        last_id = rows[-1].registration_id
+        if progress is not None:
+            progress(counted)
 
 
 # membership --------------------------------------------------------------------------
 
 
-def _count(additions: dict[Key, tuple[date, int]], key: Key, birth_date: date) -> None:
-    first_birth_date, enrollments = additions.get(key, (birth_date, 0))
-    additions[key] = (first_birth_date, enrollments + 1)
+@dataclass(frozen=True)
+class _Change:
+    """One enrollment entering (+1) or leaving (-1) the live roster."""
+
+    course_id: str
+    campus_id: str
+    email: str
+    birth_date: date
+    sign: int
 
 
-def _join(
+@dataclass(frozen=True)
+class _Member:
+    """A student's standing in a scope: live enrollments there, and the birth date counted."""
+
+    enrollments: int
+    birth_date: date
+
+
+def _apply_changes(conn: Connection, changes: Sequence[_Change]) -> None:
+    """Moves every aggregate by the enrollments that entered or left the live roster.
+
+    Courses count enrollments. Campuses and overall count students: the members of
+    the changed students are locked (in key order), then recounted from the roster's
+    live rows, and each student whose counted birth date changed moves between age
+    buckets. Locking before reading the roster matters on PostgreSQL: two workers
+    changing one student's enrollments take turns, and the second one's roster read
+    sees what the first committed.
+    """
+    if not changes:
+        return
+    deltas: Counter[BucketKey] = Counter()
+    course_deltas: Counter[tuple[str, str, date]] = Counter()
+    for change in changes:
+        deltas[(course_scope(change.course_id), change.birth_date)] += change.sign
+        course_deltas[(change.course_id, change.campus_id, change.birth_date)] += change.sign
+    placeholders: dict[Key, date] = {}
+    for change in changes:
+        placeholders.setdefault((change.campus_id, change.email), change.birth_date)
+        placeholders.setdefault((change.email,), change.birth_date)
+    campus_keys = sorted(key for key in placeholders if len(key) == 2)
+    student_keys = sorted(key for key in placeholders if len(key) == 1)
+    campus_before = _lock_members(conn, campus_students, ("campus_id", "email"), campus_keys, placeholders)
+    student_before = _lock_members(conn, students, ("email",), student_keys, placeholders)
+    campus_after, student_after = _live_members(conn, [email for (email,) in student_keys])
+    for (campus_id, _email), old, new in _settle_members(
+        conn, campus_students, ("campus_id", "email"), campus_keys, campus_before, campus_after
+    ):
+        _move(deltas, campus_scope(campus_id), old, new)
+    for _key, old, new in _settle_members(
+        conn, students, ("email",), student_keys, student_before, student_after
+    ):
+        _move(deltas, OVERALL_SCOPE, old, new)
+    _apply_age_deltas(conn, deltas)
+    _apply_course_deltas(conn, course_deltas)
+
+
+def _move(deltas: Counter[BucketKey], scope: str, old: date | None, new: date | None) -> None:
+    if old is not None:
+        deltas[(scope, old)] -= 1
+    if new is not None:
+        deltas[(scope, new)] += 1
+
+
+def _lock_members(
     conn: Connection,
     table: Table,
     key_columns: Sequence[str],
-    additions: Mapping[Key, tuple[date, int]],
-) -> list[tuple[Key, date]]:
-    """Adds enrollments to the members of a scope; returns the students who were not members."""
-    if not additions:
-        return []
-    statement = _insert(conn, table)
+    keys: Sequence[Key],
+    placeholders: Mapping[Key, date],
+) -> dict[Key, _Member]:
+    """Locks the rows of these students (creating placeholder rows with 0 enrollments for
+    non-members) and returns the members among them as they stand."""
+    if not keys:
+        return {}
+    statement = upsertable_insert(conn, table)
     statement = statement.on_conflict_do_update(
-        index_elements=list(key_columns),
-        set_={"enrollments": table.c.enrollments + statement.excluded.enrollments},
+        index_elements=list(key_columns), set_={"enrollments": table.c.enrollments}
     ).returning(*(table.c[name] for name in key_columns), table.c.birth_date, table.c.enrollments)
     rows = [
-        {
-            **dict(zip(key_columns, key, strict=True)),
-            "birth_date": additions[key][0],
-            "enrollments": additions[key][1],
-        }
-        for key in sorted(additions)
+        {**dict(zip(key_columns, key, strict=True)), "birth_date": placeholders[key], "enrollments": 0}
+        for key in keys
     ]
-    joined = []
-    for row in conn.execute(statement, rows):
-        key = tuple(row[: len(key_columns)])
-        # Members are deleted at zero, so a count equal to what this batch added is a new member.
-        if row.enrollments == additions[key][1]:
-            joined.append((key, row.birth_date))
-    return joined
+    return {
+        tuple(row[: len(key_columns)]): _Member(row.enrollments, row.birth_date)
+        for row in conn.execute(statement, rows)
+        if row.enrollments > 0
+    }
 
 
-def _leave(
-    conn: Connection, table: Table, key_columns: Sequence[str], losses: Mapping[Key, int]
-) -> list[tuple[Key, date]]:
-    """Takes enrollments from the members of a scope; returns the students who left it."""
-    left = []
-    for key in sorted(losses):
-        match = [table.c[name] == value for name, value in zip(key_columns, key, strict=True)]
-        row = conn.execute(
+def _live_members(
+    conn: Connection, emails: Sequence[str]
+) -> tuple[dict[Key, _Member], dict[Key, _Member]]:
+    """These students' standing per campus and overall, from the roster's live rows.
+
+    The birth date counted is the one of the student's earliest live enrollment in the
+    scope (by enroll time, then registration id): students who gave two birth dates
+    are counted the same whatever order their events arrived in.
+    """
+    earliest: dict[Key, tuple[Any, str, date]] = {}
+    enrollments: Counter[Key] = Counter()
+    for chunk in _chunks(emails):
+        for row in conn.execute(
+            select(
+                roster.c.campus_id,
+                roster.c.email,
+                roster.c.birth_date,
+                roster.c.enroll_time,
+                roster.c.registration_id,
+            ).where(roster.c.email.in_(chunk), roster.c.removed_time.is_(None))
+        ):
+            candidate = (row.enroll_time, row.registration_id, row.birth_date)
+            keys: tuple[Key, Key] = ((row.campus_id, row.email), (row.email,))
+            for key in keys:
+                enrollments[key] += 1
+                if key not in earliest or candidate < earliest[key]:
+                    earliest[key] = candidate
+    campus: dict[Key, _Member] = {}
+    overall: dict[Key, _Member] = {}
+    for key, (_time, _rid, birth_date) in earliest.items():
+        (campus if len(key) == 2 else overall)[key] = _Member(enrollments[key], birth_date)
+    return campus, overall
+
+
+def _settle_members(
+    conn: Connection,
+    table: Table,
+    key_columns: Sequence[str],
+    keys: Sequence[Key],
+    before: Mapping[Key, _Member],
+    after: Mapping[Key, _Member],
+) -> list[tuple[Key, date | None, date | None]]:
+    """Writes each locked student's new standing (deleting non-members); returns the
+    students whose counted birth date changed, with the old and the new one (None
+    outside the scope)."""
+    match = [table.c[name] == bindparam(f"k_{name}") for name in key_columns]
+    updates: list[dict[str, Any]] = []
+    deletions: list[dict[str, Any]] = []
+    moved = []
+    for key in keys:
+        old, new = before.get(key), after.get(key)
+        bound = {f"k_{name}": value for name, value in zip(key_columns, key, strict=True)}
+        if new is None:
+            deletions.append(bound)
+        elif new != old:
+            updates.append({**bound, "new_birth_date": new.birth_date, "new_enrollments": new.enrollments})
+        old_birth = old.birth_date if old else None
+        new_birth = new.birth_date if new else None
+        if old_birth != new_birth:
+            moved.append((key, old_birth, new_birth))
+    if updates:
+        conn.execute(
             update(table)
             .where(*match)
-            .values(enrollments=table.c.enrollments - losses[key])
-            .returning(table.c.birth_date, table.c.enrollments)
-        ).one_or_none()
-        if row is not None and row.enrollments <= 0:
-            conn.execute(delete(table).where(*match))
-            left.append((key, row.birth_date))
-    return left
+            .values(birth_date=bindparam("new_birth_date"), enrollments=bindparam("new_enrollments")),
+            updates,
+        )
+    if deletions:
+        conn.execute(delete(table).where(*match), deletions)
+    return moved
 
 
 # age aggregates ----------------------------------------------------------------------
 
 
 def _apply_age_deltas(conn: Connection, deltas: Mapping[BucketKey, int]) -> None:
-    """Adds signed student counts per (scope, birth date) to the three age aggregates.
+    """Adds signed student counts per (scope, birth date) to the four age aggregates.
 
     Rows are upserted in key order (totals last, so the hottest rows are locked for the
     shortest time) and deleted when they reach zero.
@@ -242,9 +372,11 @@ def _apply_age_deltas(conn: Connection, deltas: Mapping[BucketKey, int]) -> None
     if not changed:
         return
     birthdays: Counter[tuple[str, int, int]] = Counter()
+    years: Counter[tuple[str, int]] = Counter()
     totals: dict[str, tuple[int, int]] = {}
     for (scope, birth), n in changed.items():
         birthdays[(scope, birth.month, birth.day)] += n
+        years[(scope, birth.year)] += n
         count, year_total = totals.get(scope, (0, 0))
         totals[scope] = (count + n, year_total + n * birth.year)
     updates = [
@@ -266,6 +398,15 @@ def _apply_age_deltas(conn: Connection, deltas: Mapping[BucketKey, int]) -> None
             ],
         ),
         (
+            age_years,
+            ("scope", "birth_year"),
+            [
+                {"scope": scope, "birth_year": year, "students": n}
+                for (scope, year), n in years.items()
+                if n
+            ],
+        ),
+        (
             age_totals,
             ("scope",),
             [
@@ -282,6 +423,62 @@ def _apply_age_deltas(conn: Connection, deltas: Mapping[BucketKey, int]) -> None
             _delete_empty_rows(conn, table, key_columns, rows)
 
 
+def _apply_course_deltas(conn: Connection, deltas: Mapping[tuple[str, str, date], int]) -> None:
+    """Moves the summaries of the courses whose enrollments changed (after the age buckets,
+    from which each summary's earliest and latest birth dates are read back)."""
+    summaries: dict[str, dict[str, Any]] = {}
+    for (course_id, campus_id, birth), n in sorted(deltas.items()):
+        if not n:
+            continue
+        summary = summaries.setdefault(
+            course_id,
+            {
+                "course_id": course_id,
+                "campus_id": campus_id,
+                "scope": course_scope(course_id),
+                "students": 0,
+                "birth_year_total": 0,
+                "earliest_birth_date": birth,
+                "latest_birth_date": birth,
+                **{born_in_month(month): 0 for month in BIRTH_MONTHS},
+            },
+        )
+        summary["students"] += n
+        summary["birth_year_total"] += n * birth.year
+        summary[born_in_month(birth.month)] += n
+        summary["earliest_birth_date"] = min(summary["earliest_birth_date"], birth)
+        summary["latest_birth_date"] = max(summary["latest_birth_date"], birth)
+    if not summaries:
+        return
+    table = course_summaries
+    summed = ["students", "birth_year_total", *(born_in_month(month) for month in BIRTH_MONTHS)]
+    statement = upsertable_insert(conn, table)
+    conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=["course_id"],
+            set_={name: table.c[name] + statement.excluded[name] for name in summed},
+        ),
+        list(summaries.values()),
+    )
+    touched = [{"k_course_id": course_id} for course_id in summaries]
+    this_course = table.c.course_id == bindparam("k_course_id")
+    conn.execute(delete(table).where(this_course, table.c.students <= 0), touched)
+    buckets = age_buckets.c
+    conn.execute(
+        update(table)
+        .where(this_course)
+        .values(
+            earliest_birth_date=select(func.min(buckets.birth_date))
+            .where(buckets.scope == table.c.scope)
+            .scalar_subquery(),
+            latest_birth_date=select(func.max(buckets.birth_date))
+            .where(buckets.scope == table.c.scope)
+            .scalar_subquery(),
+        ),
+        touched,
+    )
+
+
 def _add_to_rows(
     conn: Connection, table: Table, key_columns: Sequence[str], rows: list[dict[str, Any]]
 ) -> None:
@@ -289,7 +486,7 @@ def _add_to_rows(
     if not rows:
         return
     summed = [column.name for column in table.c if column.name not in key_columns]
-    statement = _insert(conn, table)
+    statement = upsertable_insert(conn, table)
     statement = statement.on_conflict_do_update(
         index_elements=list(key_columns),
         set_={name: table.c[name] + statement.excluded[name] for name in summed},
@@ -312,7 +509,7 @@ def _delete_empty_rows(
 # helpers -----------------------------------------------------------------------------
 
 
-def _insert(conn: Connection, table: Table) -> Any:
+def upsertable_insert(conn: Connection, table: Table) -> Any:
     """INSERT with ON CONFLICT for the two databases the service runs on."""
     if conn.dialect.name == "postgresql":
         return postgresql.insert(table)

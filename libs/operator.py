@@ -1,0 +1,174 @@
+"""Operator command for the stream consumers: leases, lag, dead letters, replay.
+
+    python -m libs.operator leases --service enrollment
+    python -m libs.operator dead-letters --service stats
+    python -m libs.operator replay --service enrollment 12 13
+
+It reads the same configuration as the service (database URL, stream prefix, Kinesis
+endpoint). Lag is the age of the oldest record a shard has not committed yet, read
+from Kinesis after the shard's checkpoint. Replay puts a dead letter's original bytes
+back on its stream with its partition key (after the consumer was fixed), and marks
+it replayed; the consumer then processes it like any new record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import Engine, select, update
+
+from libs.config import CommonSettings, EnrollmentSettings, NotifierSettings, StatsSettings
+from libs.consumer import dead_letters, metadata, shard_leases
+from libs.db import make_engine
+from libs.kinesis import (
+    ENROLLMENT_EVENTS_STREAM,
+    NOTIFICATIONS_STREAM,
+    REGISTRATIONS_STREAM,
+    OutgoingRecord,
+    kinesis_client,
+    put_records,
+)
+
+SERVICES: dict[str, tuple[type[CommonSettings], str, str]] = {
+    "enrollment": (EnrollmentSettings, "enrollment_database_url", REGISTRATIONS_STREAM),
+    "stats": (StatsSettings, "stats_database_url", ENROLLMENT_EVENTS_STREAM),
+    "notifier": (NotifierSettings, "notifier_database_url", NOTIFICATIONS_STREAM),
+}
+
+
+@dataclass
+class LeaseReport:
+    shard_id: str
+    parents: str
+    owner: str | None
+    lease_counter: int
+    expires_in_seconds: float | None
+    checkpoint: str | None
+    finished: bool
+    lag_seconds: float | None
+
+
+def _target(service: str) -> tuple[CommonSettings, Engine, str]:
+    settings_class, url_field, base = SERVICES[service]
+    settings = settings_class()
+    engine = make_engine(getattr(settings, url_field))
+    metadata.create_all(engine)
+    return settings, engine, settings.stream_name(base)
+
+
+def shard_lag_seconds(client: Any, stream: str, shard_id: str, checkpoint: str | None) -> float:
+    """Age of the oldest record after the checkpoint; 0 when the shard is caught up."""
+    if checkpoint:
+        iterator = client.get_shard_iterator(StreamName=stream, ShardId=shard_id,
+                                             ShardIteratorType="AFTER_SEQUENCE_NUMBER",
+                                             StartingSequenceNumber=checkpoint)["ShardIterator"]
+    else:
+        iterator = client.get_shard_iterator(StreamName=stream, ShardId=shard_id,
+                                             ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+    records = client.get_records(ShardIterator=iterator, Limit=1).get("Records", [])
+    if not records:
+        return 0.0
+    return max(0.0, time.time() - records[0]["ApproximateArrivalTimestamp"].timestamp())
+
+
+def lease_report(engine: Engine, client: Any, stream: str) -> list[LeaseReport]:
+    now = time.time()
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(shard_leases).where(shard_leases.c.stream_name == stream).order_by(shard_leases.c.shard_id)
+        ).all()
+    reports = []
+    for row in rows:
+        live = row.owner is not None and row.expires_at > now
+        reports.append(LeaseReport(
+            shard_id=row.shard_id,
+            parents=row.parent_shard_ids,
+            owner=row.owner if live else None,
+            lease_counter=row.lease_counter,
+            expires_in_seconds=round(row.expires_at - now, 1) if live else None,
+            checkpoint=row.checkpoint,
+            finished=row.finished,
+            lag_seconds=None if row.finished else round(shard_lag_seconds(client, stream, row.shard_id,
+                                                                           row.checkpoint), 3),
+        ))
+    return reports
+
+
+def list_dead_letters(engine: Engine, include_replayed: bool) -> list[dict[str, Any]]:
+    query = select(
+        dead_letters.c.id, dead_letters.c.stream_name, dead_letters.c.shard_id, dead_letters.c.sequence_number,
+        dead_letters.c.reason, dead_letters.c.created_at, dead_letters.c.replayed_at,
+    ).order_by(dead_letters.c.id)
+    if not include_replayed:
+        query = query.where(dead_letters.c.replayed_at.is_(None))
+    with engine.connect() as conn:
+        return [dict(row._mapping) for row in conn.execute(query)]
+
+
+def replay(engine: Engine, client: Any, ids: list[int]) -> list[tuple[int, str]]:
+    """Puts dead letters back on their streams; returns (id, new sequence number)."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(dead_letters).where(dead_letters.c.id.in_(ids))).all()
+    missing = set(ids) - {row.id for row in rows}
+    if missing:
+        raise SystemExit(f"no dead letter with id {', '.join(map(str, sorted(missing)))}")
+    replayed = []
+    for row in rows:
+        (sequence_number,) = put_records(client, row.stream_name, [OutgoingRecord(row.partition_key, row.data)])
+        if sequence_number is None:
+            raise SystemExit(f"Kinesis did not accept dead letter {row.id}; nothing marked")
+        with engine.begin() as conn:
+            conn.execute(update(dead_letters).where(dead_letters.c.id == row.id)
+                         .values(replayed_at=dt.datetime.now(dt.timezone.utc)))
+        replayed.append((row.id, sequence_number))
+    return replayed
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    columns = list(rows[0])
+    cells = [[("" if row[c] is None else str(row[c]))[:60] for c in columns] for row in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for line in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m libs.operator", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["leases", "dead-letters", "replay"])
+    parser.add_argument("ids", nargs="*", type=int, help="dead letter ids (replay)")
+    parser.add_argument("--service", choices=sorted(SERVICES), required=True)
+    parser.add_argument("--all", action="store_true", help="dead-letters: include replayed ones")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    settings, engine, stream = _target(args.service)
+    client = kinesis_client(settings.aws_region)
+    try:
+        if args.command == "leases":
+            rows: list[dict[str, Any]] = [asdict(r) for r in lease_report(engine, client, stream)]
+        elif args.command == "dead-letters":
+            rows = list_dead_letters(engine, args.all)
+        else:
+            if not args.ids:
+                parser.error("replay needs at least one dead letter id")
+            rows = [{"id": i, "sequence_number": seq} for i, seq in replay(engine, client, args.ids)]
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(rows, default=str, indent=2))
+    else:
+        _print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""`python -m services.stats.rebuild`: rebuilds the stats read model from the enrollment
+database (an operator's command).
+
+Reads ENROLLMENT_DATABASE_URL (the enrollment service's enrollments and courses) and
+rewrites the read model in STATS_DATABASE_URL in one transaction, printing progress.
+Procedure: stop the stats service, run this, start the service again; it resumes from
+its shard checkpoints, and what it reads again that the rebuild already counted
+changes nothing (see service_layer/rebuild.py for why nothing is lost either).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from libs.config import EnrollmentSettings, StatsSettings
+from libs.db import make_engine
+from services.stats.service_layer.rebuild import CHUNK_SIZE, WorkersStillRunning, rebuild_from_enrollments
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.stats.rebuild", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild even while stats workers hold leases (they are fenced out until it commits)",
+    )
+    parser.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="rows per statement (default %(default)s)")
+    args = parser.parse_args(argv)
+    stats_url = StatsSettings().stats_database_url
+    enrollment_url = EnrollmentSettings().enrollment_database_url
+    stats_engine = make_engine(stats_url)
+    enrollment_engine = make_engine(enrollment_url)
+    shown: dict[str, int] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        percent = 100 * done // total if total else 100
+        # One line per stage and 5 % step, whatever the chunk size.
+        if shown.get(stage, -1) < percent // 5 or done == total:
+            shown[stage] = percent // 5
+            print(f"{stage}: {done}/{total} ({percent}%)", file=sys.stderr, flush=True)
+
+    try:
+        summary = rebuild_from_enrollments(
+            stats_engine, enrollment_engine, progress, force=args.force, chunk_size=args.chunk_size
+        )
+    except WorkersStillRunning as error:
+        print(f"not rebuilt: {error}", file=sys.stderr)
+        return 2
+    finally:
+        stats_engine.dispose()
+        enrollment_engine.dispose()
+    print(
+        f"rebuilt the stats read model from {summary.enrollments} enrollments "
+        f"({summary.tombstones_kept} removed enrollments kept as tombstones) in {summary.seconds:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Rebuilding the read model from the enrollment service's records (an operator's tool).
+
+`rebuild_from_enrollments` replaces the live roster with the enrollment database's
+enrollments (each with its course's campus) and recounts every aggregate from it, in
+one transaction of the stats database: queries keep seeing the old figures until it
+commits, and a failure changes nothing. Tombstones of removed enrollments are kept, so
+a late redelivery of a cancelled enrollment still cannot bring it back.
+
+The consumer's shard checkpoints are left alone. The operator stops the stats service
+first (the rebuild refuses to run while a worker holds a live lease, and locks the
+lease rows so none commits a batch meanwhile), rebuilds, and starts it again. Every
+enrollment committed before the rebuild read the enrollment database is in the
+rebuilt roster; every later one has its event still ahead of the stopped consumer's
+checkpoints (the enrollment service publishes events only after committing). Records
+the restarted consumer reads that the rebuild already counted find their roster row by
+registration id and change nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Engine, exists, func, select
+
+from libs import consumer as consumer_lib
+from services.enrollment.adapters.tables import courses, enrollments
+from services.stats.adapters.tables import age_years, create_schema, roster
+from services.stats.service_layer.projection import recount_from_roster, upsertable_insert
+
+CHUNK_SIZE = 5000
+
+Progress = Callable[[str, int, int], None]
+
+
+class WorkersStillRunning(Exception):
+    """A stats worker holds a live lease: stop the stats service before rebuilding."""
+
+
+@dataclass(frozen=True)
+class RebuildSummary:
+    enrollments: int
+    tombstones_kept: int
+    seconds: float
+
+
+def rebuild_from_enrollments(
+    stats_engine: Engine,
+    enrollment_engine: Engine,
+    progress: Progress | None = None,
+    force: bool = False,
+    chunk_size: int = CHUNK_SIZE,
+) -> RebuildSummary:
+    """Rewrites the stats read model from the enrollment database, in one transaction."""
+    started = time.monotonic()
+    report = progress or (lambda _stage, _done, _total: None)
+    create_schema(stats_engine)
+    consumer_lib.metadata.create_all(stats_engine)
+    with enrollment_engine.connect() as source:
+        total = source.execute(select(func.count()).select_from(enrollments)).scalar_one()
+    with stats_engine.begin() as stats:
+        _fence_workers(stats, force)
+        stats.execute(roster.delete().where(roster.c.removed_time.is_(None)))
+        copied = 0
+        report("copy enrollments", 0, total)
+        source_query = (
+            select(
+                enrollments.c.registration_id,
+                enrollments.c.course_id,
+                courses.c.campus_id,
+                enrollments.c.email,
+                enrollments.c.name,
+                enrollments.c.birth_date,
+                enrollments.c.enroll_time,
+            )
+            .join(courses, courses.c.course_id == enrollments.c.course_id)
+            .order_by(enrollments.c.registration_id)
+        )
+        upsert = upsertable_insert(stats, roster)
+        # The enrollment database is the truth: a tombstone for an enrollment it still
+        # holds (which the services never produce) gives way to the live row.
+        upsert = upsert.on_conflict_do_update(
+            index_elements=["registration_id"],
+            set_={column.name: upsert.excluded[column.name] for column in roster.c if column.name != "registration_id"},
+        )
+        with enrollment_engine.connect() as source:
+            result = source.execution_options(stream_results=True, yield_per=chunk_size).execute(source_query)
+            for rows in result.partitions():
+                stats.execute(upsert, [{**row._mapping, "removed_time": None} for row in rows])
+                copied += len(rows)
+                report("copy enrollments", copied, total)
+        tombstones = stats.execute(
+            select(func.count()).select_from(roster).where(roster.c.removed_time.is_not(None))
+        ).scalar_one()
+        report("count aggregates", 0, copied)
+        recount_from_roster(stats, chunk_size, lambda done: report("count aggregates", done, copied))
+    return RebuildSummary(copied, tombstones, time.monotonic() - started)
+
+
+def _fence_workers(stats: Connection, force: bool) -> None:
+    """Refuses to go on while a worker holds a live lease; locks the lease rows so that no
+    worker commits a batch (each batch first updates its lease row) until this commits."""
+    leases = consumer_lib.shard_leases
+    query = select(leases.c.shard_id, leases.c.owner, leases.c.expires_at)
+    if stats.dialect.name == "postgresql":
+        query = query.with_for_update()
+    now = time.time()
+    live = [row for row in stats.execute(query) if row.owner and row.expires_at > now]
+    if live and not force:
+        owners = sorted({row.owner for row in live})
+        raise WorkersStillRunning(
+            f"{len(live)} shard(s) leased by running stats worker(s) {', '.join(owners)}: "
+            "stop the stats service first (or pass --force to fence them out)"
+        )
+
+
+def complete_older_read_model(engine: Engine) -> bool:
+    """Counts the aggregates this version added (birth years, course summaries) when the
+    database was made by an older version: the roster has live rows but they are missing.
+    Returns whether it did."""
+    with engine.begin() as conn:
+        live = conn.execute(select(exists().where(roster.c.removed_time.is_(None)))).scalar()
+        counted = conn.execute(select(exists().where(age_years.c.students > 0))).scalar()
+        if not live or counted:
+            return False
+        recount_from_roster(conn)
+        return True
