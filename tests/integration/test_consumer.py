@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -79,3 +80,84 @@ def test_every_record_is_applied_once_and_poison_goes_to_dead_letters(kinesis_en
     finally:
         second.stop()
     engine.dispose()
+
+
+tally_metadata = MetaData()
+tally = Table("tally", tally_metadata, Column("sequence_number", String(64), nullable=False),
+              Column("worker", String(64), nullable=False))
+
+
+class PausableKinesis:
+    """The real kinesalite client, except that get_records can hold its result: the
+    worker is paused after reading a batch and before committing it."""
+
+    def __init__(self, client):
+        self._client = client
+        self.armed = threading.Event()
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def get_records(self, **kwargs):
+        response = self._client.get_records(**kwargs)
+        if self.armed.is_set() and response["Records"]:
+            self.holding.set()
+            self.release.wait(30)
+        return response
+
+
+class PausableConsumer(consumer_lib.StreamConsumer):
+    paused = False
+
+    def _sync_leases(self) -> None:  # a paused process renews nothing either
+        if not self.paused:
+            super()._sync_leases()
+
+
+def test_a_worker_paused_with_a_batch_in_hand_cannot_commit_it_after_a_takeover(kinesis_env, database_url):
+    settings = CommonSettings()
+    client = kinesis_client(settings.aws_region)
+    stream = settings.stream_name("fencing")
+    ensure_stream(client, stream, 1)
+    engine = make_engine(database_url)
+    tally_metadata.create_all(engine)
+
+    def handler_of(worker: str):
+        def handle(conn: Connection, records: list[consumer_lib.StreamRecord]) -> None:
+            # Deliberately not idempotent: only the fencing token prevents a double count.
+            conn.execute(insert(tally), [{"sequence_number": r.sequence_number, "worker": worker} for r in records])
+        return handle
+
+    pausable = PausableKinesis(client)
+    first = PausableConsumer(engine=engine, kinesis=pausable, stream_name=stream, handler=handler_of("first"),
+                             worker_id="first", lease_seconds=1.0)
+    first.start()
+    _wait(lambda: first.held_shards())
+    pausable.armed.set()
+    first.paused = True
+    assert all(put_records(client, stream, [OutgoingRecord("k", b"%d" % i) for i in range(10)]))
+    assert pausable.holding.wait(15), "the first worker read the batch"
+
+    second = consumer_lib.StreamConsumer(engine=engine, kinesis=client, stream_name=stream,
+                                         handler=handler_of("second"), worker_id="second", lease_seconds=1.0)
+    second.start()
+    try:
+        def counted() -> int:
+            with engine.connect() as conn:
+                return conn.execute(select(func.count()).select_from(tally)).scalar_one()
+        _wait(lambda: counted() == 10)
+        pausable.release.set()  # the first worker wakes up and tries to commit its batch
+        time.sleep(2.0)
+        with engine.connect() as conn:
+            workers = conn.execute(select(tally.c.worker, func.count()).group_by(tally.c.worker)).all()
+        assert dict(workers) == {"second": 10}
+        assert first.held_shards() == {}
+        (lease,) = second.leases()
+        assert lease.owner == "second" and lease.lease_counter == 2
+    finally:
+        pausable.release.set()
+        first.stop()
+        second.stop()
+        engine.dispose()
