@@ -7,11 +7,16 @@ URLs without a driver use psycopg 3.
 
 from __future__ import annotations
 
+import logging
 import pathlib
+import time
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+log = logging.getLogger(__name__)
 
 
 def make_engine(url: str, idle_in_transaction_seconds: float | None = None, **kwargs: Any) -> Engine:
@@ -66,6 +71,25 @@ _READ_ONLY = "course_signup_read_only"
 def read_only(engine: Engine) -> Engine:
     """The same engine for queries: on SQLite its transactions don't take the write lock."""
     return engine.execution_options(**{_READ_ONLY: True})
+
+
+def wait_for_database(engine: Engine, timeout: float = 300.0) -> None:
+    """Waits (with backoff) until the database answers: a service started while its
+    database is down stays NOT_SERVING instead of exiting."""
+    deadline = time.monotonic() + timeout
+    delay = 0.2
+    while True:
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            return
+        except OperationalError as error:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("database not reachable; retrying", extra={"error": str(error.orig)[:200],
+                                                                   "retry_in_seconds": round(delay, 1)})
+            time.sleep(delay)
+            delay = min(5.0, delay * 2)
 
 
 def is_postgres(engine: Engine) -> bool:
