@@ -8,7 +8,7 @@ NODE_INSTALLED := node_modules/.installed
 GENERATED := gen/.generated
 PROTO_SOURCES := $(shell find protos -name '*.proto')
 
-.PHONY: all install gen run test test-unit lint lint-protos bench clean
+.PHONY: all install gen run test test-unit lint lint-protos bench chaos clean
 
 all: gen
 
@@ -50,6 +50,11 @@ test: install gen lint-protos
 
 test-unit: install gen
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+## chaos: the fault test at a larger size (PostgreSQL, 3 enrollment workers killed under load)
+CHAOS_REGISTRATIONS ?= 100000
+chaos: install gen
+	CHAOS_REGISTRATIONS=$(CHAOS_REGISTRATIONS) $(PY) -m pytest tests/e2e/test_enrollment_faults.py -k chaos -s $(PYTEST_ARGS)
 
 ## bench: speed figures, each against a baseline measured in the same run (BENCH=name for one)
 bench: install gen

@@ -22,11 +22,11 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy
+from google.type import date_pb2
+
 from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from coursesignup.events.v1 import events_pb2
 from coursesignup.registration.v1 import registration_pb2, registration_pb2_grpc
-from google.type import date_pb2
-
 from libs.db import make_engine
 from libs.envelope import new_envelope
 from libs.kinesis import OutgoingRecord, kinesis_client, put_records
@@ -164,6 +164,16 @@ def register_all(target: str, applicants: list[Applicant], concurrency: int = 48
     return result
 
 
+def command_bytes(applicant: Applicant, registration_id: str) -> bytes:
+    """The RegisterStudent record the registration service would put for `applicant`."""
+    command = events_pb2.RegisterStudent(
+        registration_id=registration_id, course_id=applicant.course_id, name=applicant.name, email=applicant.email,
+        locale="en", birth_date=date_pb2.Date(year=applicant.birth_date.year, month=applicant.birth_date.month,
+                                              day=applicant.birth_date.day),
+    )
+    return new_envelope(registration_id, register_student=command).SerializeToString()
+
+
 def redeliver(kinesis_endpoint: str, stream: str, applicants: list[Applicant], accepted: dict[int, str],
               rng: random.Random, count: int) -> int:
     """Puts RegisterStudent commands for already accepted registrations on the stream
@@ -171,17 +181,7 @@ def redeliver(kinesis_endpoint: str, stream: str, applicants: list[Applicant], a
     os.environ.setdefault("AWS_ENDPOINT_URL_KINESIS", kinesis_endpoint)
     client = kinesis_client("us-east-1", endpoint_url=kinesis_endpoint)
     chosen = rng.sample(sorted(accepted), min(count, len(accepted)))
-    records = []
-    for index in chosen:
-        applicant = applicants[index]
-        command = events_pb2.RegisterStudent(
-            registration_id=accepted[index], course_id=applicant.course_id, name=applicant.name,
-            email=applicant.email, locale="en",
-            birth_date=date_pb2.Date(year=applicant.birth_date.year, month=applicant.birth_date.month,
-                                     day=applicant.birth_date.day),
-        )
-        envelope = new_envelope(accepted[index], register_student=command)
-        records.append(OutgoingRecord(applicant.course_id, envelope.SerializeToString()))
+    records = [OutgoingRecord(applicants[i].course_id, command_bytes(applicants[i], accepted[i])) for i in chosen]
     assert all(put_records(client, stream, records))
     return len(records)
 

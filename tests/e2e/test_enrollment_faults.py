@@ -21,9 +21,9 @@ from typing import Any
 
 import grpc
 import pytest
+
 from coursesignup.registration.v1 import registration_pb2, registration_pb2_grpc
 from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
-
 from libs.db import make_engine
 from libs.kinesis import OutgoingRecord, kinesis_client, put_records
 from tests import faults, helpers
@@ -63,7 +63,7 @@ def check_decisions(engine: Any, applicants: list[Applicant], accepted: dict[int
 
 def check_stats(stats_target: str, engine: Any, course_ids: list[str]) -> None:
     """The stats service's figures equal a recount from the enrollment rows."""
-    today = dt.datetime.now(dt.timezone.utc).date()
+    today = dt.datetime.now(dt.UTC).date()
     roster = rows(engine, "SELECT course_id, email, birth_date FROM enrollments")
     with grpc.insecure_channel(stats_target) as channel:
         stub = stats_pb2_grpc.StatsServiceStub(channel)
@@ -247,7 +247,7 @@ def test_a_resharded_stream_keeps_each_course_in_order_and_loses_nothing(tmp_pat
                 records = []
                 for index in range(len(order) - count, len(order)):
                     applicant = order[index]
-                    records.append(OutgoingRecord(applicant.course_id, command_bytes(applicant, ids[index])))
+                    records.append(OutgoingRecord(applicant.course_id, faults.command_bytes(applicant, ids[index])))
                 assert all(put_records(client, stream, records))
 
             def split_all_open() -> None:
@@ -286,20 +286,6 @@ def test_a_resharded_stream_keeps_each_course_in_order_and_loses_nothing(tmp_pat
             shards = rows(engine, "SELECT shard_id, finished FROM shard_leases")
             assert len(shards) == 2 + 4 + 8 and sum(1 for _, finished in shards if finished) == 6
             engine.dispose()
-
-
-def command_bytes(applicant: Applicant, registration_id: str) -> bytes:
-    from coursesignup.events.v1 import events_pb2
-    from google.type import date_pb2
-
-    from libs.envelope import new_envelope
-
-    command = events_pb2.RegisterStudent(
-        registration_id=registration_id, course_id=applicant.course_id, name=applicant.name, email=applicant.email,
-        birth_date=date_pb2.Date(year=applicant.birth_date.year, month=applicant.birth_date.month,
-                                 day=applicant.birth_date.day),
-    )
-    return new_envelope(registration_id, register_student=command).SerializeToString()
 
 
 def test_a_worker_paused_past_its_lease_cannot_commit_after_another_took_its_shards(tmp_path, kinesis_endpoint):
