@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import Counter
 import time
 import uuid
 
@@ -161,3 +162,111 @@ def test_a_worker_paused_with_a_batch_in_hand_cannot_commit_it_after_a_takeover(
         first.stop()
         second.stop()
         engine.dispose()
+
+
+class FlakyKinesis:
+    """The real kinesalite client with injected faults no emulator produces: throttling
+    and expired iterators on reads, rejected entries on writes."""
+
+    def __init__(self, client, every: int = 3):
+        self._client = client
+        self._calls = 0
+        self.every = every
+        self.injected: Counter[str] = Counter()
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def _error(self, code: str, operation: str):
+        from botocore.exceptions import ClientError
+
+        self.injected[code] += 1
+        return ClientError({"Error": {"Code": code, "Message": "injected"}}, operation)
+
+    def get_records(self, **kwargs):
+        self._calls += 1
+        if self._calls % self.every == 0:
+            raise self._error("ProvisionedThroughputExceededException", "GetRecords")
+        if self._calls % (self.every * 2 + 1) == 0:
+            raise self._error("ExpiredIteratorException", "GetRecords")
+        return self._client.get_records(**kwargs)
+
+    def put_records(self, **kwargs):
+        response = self._client.put_records(**kwargs)
+        self._calls += 1
+        # Pretend Kinesis throttled every third entry of every other call (they were written
+        # for real, so a retry duplicates them: consumers must cope, as with real Kinesis).
+        if self._calls % 2 == 1:
+            for index, entry in enumerate(response["Records"]):
+                if index % 3 == 0:
+                    response["Records"][index] = {"ErrorCode": "ProvisionedThroughputExceededException",
+                                                  "ErrorMessage": "injected"}
+                    self.injected["put throttled"] += 1
+            response["FailedRecordCount"] = sum(1 for e in response["Records"] if "ErrorCode" in e)
+        return response
+
+
+def test_throttling_and_expired_iterators_lose_no_position(kinesis_env, database_url):
+    settings = CommonSettings()
+    client = kinesis_client(settings.aws_region)
+    stream = settings.stream_name("flaky")
+    ensure_stream(client, stream, 2)
+    engine = make_engine(database_url)
+    tally_metadata.create_all(engine)
+    flaky = FlakyKinesis(client)
+    payloads = [b"%d" % i for i in range(400)]
+    assert all(put_records(flaky, stream, [OutgoingRecord(f"k{i % 5}", p) for i, p in enumerate(payloads)]))
+    assert flaky.injected["put throttled"] > 0
+
+    def handle(conn: Connection, records: list[consumer_lib.StreamRecord]) -> None:
+        conn.execute(insert(tally), [{"sequence_number": r.sequence_number, "worker": r.data.decode()}
+                                     for r in records])
+
+    worker = consumer_lib.StreamConsumer(engine=engine, kinesis=flaky, stream_name=stream, handler=handle,
+                                         lease_seconds=3, batch_size=25, idle_sleep_seconds=0.05)
+    worker.start()
+    try:
+        def applied() -> list[tuple[str, str]]:
+            with engine.connect() as conn:
+                return [tuple(r) for r in conn.execute(select(tally.c.sequence_number, tally.c.worker))]
+        _wait(lambda: {w for _, w in applied()} == {p.decode() for p in payloads}, timeout=60)
+        time.sleep(0.5)
+        rows = applied()
+        # Each record once (a throttled put that was retried is a second record: it has its own
+        # sequence number), and no sequence number applied twice despite the read faults.
+        assert len({seq for seq, _ in rows}) == len(rows)
+        assert flaky.injected["ProvisionedThroughputExceededException"] > 0
+        assert flaky.injected["ExpiredIteratorException"] > 0
+    finally:
+        worker.stop()
+        engine.dispose()
+
+
+def test_a_new_worker_gets_a_fair_share_within_a_few_lease_periods(kinesis_env, database_url):
+    settings = CommonSettings()
+    client = kinesis_client(settings.aws_region)
+    stream = settings.stream_name("balance")
+    ensure_stream(client, stream, 4)
+    engine = make_engine(database_url)
+    lease_seconds = 1.0
+
+    def make(worker_id: str) -> consumer_lib.StreamConsumer:
+        return consumer_lib.StreamConsumer(engine=engine, kinesis=client, stream_name=stream,
+                                           handler=lambda conn, records: None, worker_id=worker_id,
+                                           lease_seconds=lease_seconds)
+
+    first = make("first")
+    first.start()
+    second = make("second")
+    try:
+        _wait(lambda: len(first.held_shards()) == 4)
+        second.start()
+        started = time.monotonic()
+        _wait(lambda: len(first.held_shards()) == 2 and len(second.held_shards()) == 2, timeout=20)
+        assert time.monotonic() - started < 5 * lease_seconds + 2
+        owners = Counter(lease.owner for lease in second.leases())
+        assert owners == {"first": 2, "second": 2}
+    finally:
+        second.stop()
+        first.stop()
+    engine.dispose()
