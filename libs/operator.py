@@ -125,7 +125,7 @@ def replay(engine: Engine, client: Any, ids: list[int]) -> list[tuple[int, str]]
             raise SystemExit(f"Kinesis did not accept dead letter {row.id}; nothing marked")
         with engine.begin() as conn:
             conn.execute(update(dead_letters).where(dead_letters.c.id == row.id)
-                         .values(replayed_at=dt.datetime.now(dt.timezone.utc)))
+                         .values(replayed_at=dt.datetime.now(dt.UTC)))
         replayed.append((row.id, sequence_number))
     return replayed
 

@@ -41,10 +41,13 @@ def wait_for_port(port: int, timeout: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
-def kinesalite(path: pathlib.Path | None = None) -> Iterator[str]:
-    """A real kinesalite on 127.0.0.1 (in memory unless path is given); yields its URL."""
+def kinesalite(path: pathlib.Path | None = None, shard_limit: int = 100_000) -> Iterator[str]:
+    """A real kinesalite on 127.0.0.1 (in memory unless path is given); yields its URL.
+
+    Tests share one server and each creates its own streams, so the open-shard limit
+    (10 by default in kinesalite, like a new AWS account's) is raised."""
     port = free_port()
-    command = ["node", str(ROOT / "dev" / "kinesalite.js"), "--port", str(port)]
+    command = ["node", str(ROOT / "dev" / "kinesalite.js"), "--port", str(port), "--shard-limit", str(shard_limit)]
     if path:
         command += ["--path", str(path)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections import Counter
 import time
 import uuid
+from collections import Counter
 
 from sqlalchemy import Column, Connection, MetaData, String, Table, func, insert, select
 
@@ -197,7 +197,7 @@ class FlakyKinesis:
         # Pretend Kinesis throttled every third entry of every other call (they were written
         # for real, so a retry duplicates them: consumers must cope, as with real Kinesis).
         if self._calls % 2 == 1:
-            for index, entry in enumerate(response["Records"]):
+            for index in range(len(response["Records"])):
                 if index % 3 == 0:
                     response["Records"][index] = {"ErrorCode": "ProvisionedThroughputExceededException",
                                                   "ErrorMessage": "injected"}

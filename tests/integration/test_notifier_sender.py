@@ -1,12 +1,14 @@
-"""The notifier's sender against a real aiosmtpd and both databases: claims and crash recovery."""
+"""The notifier's sender against a real aiosmtpd and both databases: claims, crash recovery, outages."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import Counter
 from datetime import UTC, datetime
 
+from aiosmtpd.controller import Controller
 from sqlalchemy import Engine
 
 from libs.db import make_engine
@@ -20,6 +22,7 @@ from services.notifier.domain.model import (
     GaveUp,
     Notification,
     NotificationKind,
+    RetryPolicy,
 )
 from services.notifier.service_layer.handlers import message_composer
 from services.notifier.service_layer.sender import Sender
@@ -131,3 +134,74 @@ def test_a_stale_sender_cannot_overwrite_the_outcome_of_a_newer_claim(database_u
     assert (stale.attempt, fresh.attempt) == (1, 2)
     assert view.status == DeliveryStatus.SENT
     assert view.last_error is None
+
+
+def test_a_claim_that_would_lapse_before_its_send_ends_is_handed_back_unsent_and_uncounted(
+    database_url: str, smtp_server: tuple[RecordingHandler, int]  # noqa: F811
+) -> None:
+    handler, smtp_port = smtp_server
+    handler.data_delay_seconds = 0.3
+    engine = make_engine(database_url)
+    repository.create_tables(engine)
+    registration_ids = _pending(engine, 4)
+
+    async def send_slowly() -> Sender:
+        # One connection, 0.3 s a message, and claims that must start sending within 0.25 s:
+        # of the rows claimed together only the first can go; the others are handed back.
+        mailer = SmtpMailer(host="127.0.0.1", port=smtp_port, mail_from=MAIL_FROM, max_connections=1,
+                            timeout_seconds=0.5)
+        sender = Sender(store=NotificationStore(engine), mailer=mailer, poll_seconds=0.1,
+                        compose=message_composer(TemplateRenderer(), MAIL_FROM),
+                        send_timeout_seconds=0.5, claim_lease_seconds=1.0)
+        sender.start()
+        await _until(lambda: _statuses(engine, registration_ids)[DeliveryStatus.SENT] == 4, timeout=15)
+        await sender.stop(2.0)
+        await mailer.close()
+        return sender
+
+    try:
+        sender = asyncio.run(send_slowly())
+        views = [view for rid in registration_ids for view in NotificationStore(engine).list_for_registration(rid)]
+    finally:
+        engine.dispose()
+    recipients = Counter(address for mail in handler.received for address in mail.rcpt_tos)
+    assert sorted(recipients.values()) == [1, 1, 1, 1]
+    assert [view.attempts for view in views] == [1, 1, 1, 1]
+    assert (sender.counters.sent, sender.counters.retried, sender.counters.failed) == (4, 0, 0)
+
+
+def test_mail_waits_out_an_smtp_outage_and_is_delivered_once_the_server_is_back(database_url: str) -> None:
+    engine = make_engine(database_url)
+    repository.create_tables(engine)
+    (registration_id,) = _pending(engine, 1)
+    handler = RecordingHandler()
+    with socket.socket() as placeholder:  # holds the port; nothing listens, so connections are refused
+        placeholder.bind(("127.0.0.1", 0))
+        smtp_port = int(placeholder.getsockname()[1])
+        controller = Controller(handler, hostname="127.0.0.1", port=smtp_port)
+
+        async def outage() -> None:
+            mailer = SmtpMailer(host="127.0.0.1", port=smtp_port, mail_from=MAIL_FROM, timeout_seconds=2)
+            sender = Sender(store=NotificationStore(engine), mailer=mailer, poll_seconds=0.1,
+                            compose=message_composer(TemplateRenderer(), MAIL_FROM),
+                            retry=RetryPolicy(max_attempts=50, base_delay_seconds=0.05, max_delay_seconds=0.2))
+            sender.start()
+            store = NotificationStore(engine)
+            await _until(lambda: store.list_for_registration(registration_id)[0].attempts >= 3)
+            assert handler.received == []
+            placeholder.close()
+            controller.start()
+            await _until(lambda: _statuses(engine, [registration_id])[DeliveryStatus.SENT] == 1)
+            await sender.stop(2.0)
+            await mailer.close()
+            assert sender.counters.retried >= 2 and sender.counters.sent == 1
+
+        try:
+            asyncio.run(outage())
+            (view,) = NotificationStore(engine).list_for_registration(registration_id)
+        finally:
+            controller.stop()
+            engine.dispose()
+    assert len(handler.received) == 1
+    assert view.attempts >= 3
+    assert view.last_error is not None and "connect failed" in view.last_error

@@ -1,9 +1,19 @@
-"""The notifier service end to end, in-process: kinesalite, a real aiosmtpd, SQLite and PostgreSQL."""
+"""The notifier service end to end, in-process: kinesalite, a real aiosmtpd, SQLite and PostgreSQL.
+
+Besides delivery, each SMTP trouble an operator meets: a refusing, deferring (421/451),
+hanging or absent server, and what the service reports about it (GetDeliveryStats,
+the periodic metrics log line). The checkpoint never waits for SMTP.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email
 import email.policy
+import json
+import logging
+import socket
 import threading
 import time
 import uuid
@@ -22,7 +32,7 @@ from sqlalchemy import select
 from coursesignup.events.v1 import events_pb2
 from coursesignup.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 from libs.config import NotifierSettings
-from libs.consumer import dead_letters
+from libs.consumer import dead_letters, shard_leases
 from libs.db import make_engine
 from libs.envelope import new_envelope
 from libs.kinesis import (
@@ -32,6 +42,7 @@ from libs.kinesis import (
     kinesis_client,
     put_records,
 )
+from libs.logs import JsonFormatter
 from services.notifier import bootstrap
 from tests.helpers import free_port, serve_in_thread
 
@@ -66,6 +77,13 @@ class RecordingHandler:
     refuse: dict[str, str] = field(default_factory=dict)
     # recipient -> replies to the first RCPTs, then accept (e.g. ["451 ..."])
     defer_first: dict[str, list[str]] = field(default_factory=dict)
+    # recipient -> replies to the first DATA commands, then accept (e.g. ["421 ..."])
+    defer_data_first: dict[str, list[str]] = field(default_factory=dict)
+    # While set, DATA gets no answer at all (the client must time out).
+    hanging: bool = False
+    hung: int = 0
+    # A slow server: each DATA is answered after this long.
+    data_delay_seconds: float = 0.0
     received: list[ReceivedMail] = field(default_factory=list)
     rcpt_attempts: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -82,7 +100,19 @@ class RecordingHandler:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.hanging:
+            with self.lock:
+                self.hung += 1
+            while self.hanging:
+                await asyncio.sleep(0.05)
+            return "451 4.4.2 too late: the client gave up long ago"
+        if self.data_delay_seconds:
+            await asyncio.sleep(self.data_delay_seconds)
         with self.lock:
+            for address in envelope.rcpt_tos:
+                deferred = self.defer_data_first.get(address)
+                if deferred:
+                    return deferred.pop(0)
             self.received.append(ReceivedMail(envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
         return "250 Message accepted for delivery"
 
@@ -120,11 +150,14 @@ class RunningNotifier:
         request = notifier_pb2.ListNotificationsRequest(registration_id=registration_id)
         return list(self.stub.ListNotifications(request, timeout=5).notifications)
 
+    def stats(self) -> notifier_pb2.GetDeliveryStatsResponse:
+        return self.stub.GetDeliveryStats(notifier_pb2.GetDeliveryStatsRequest(), timeout=5)
 
-@pytest.fixture
-def notifier(kinesis_env: dict[str, str], database_url: str, smtp_server: tuple[RecordingHandler, int],
-             monkeypatch: pytest.MonkeyPatch) -> Iterator[RunningNotifier]:
-    _, smtp_port = smtp_server
+
+@contextlib.contextmanager
+def running_notifier(monkeypatch: pytest.MonkeyPatch, database_url: str, smtp_port: int,
+                     **overrides: str) -> Iterator[RunningNotifier]:
+    """The notifier service in this process; `overrides` are more environment variables."""
     port = free_port()
     for key, value in {
         "NOTIFIER_DATABASE_URL": database_url,
@@ -134,12 +167,28 @@ def notifier(kinesis_env: dict[str, str], database_url: str, smtp_server: tuple[
         "KINESIS_SHARD_COUNT": "2",
         "LEASE_SECONDS": "3",
         "SMTP_TIMEOUT_SECONDS": "5",
+        "NOTIFIER_RETRY_BASE_SECONDS": "0.2",
         "MAIL_FROM": "Course Sign-up <no-reply@course-signup.example>",
+        **overrides,
     }.items():
         monkeypatch.setenv(key, value)
     settings = NotifierSettings()
-    with serve_in_thread(bootstrap.build_hooks(settings)), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield RunningNotifier(port, settings.stream_name(NOTIFICATIONS_STREAM), channel)
+    stream = settings.stream_name(NOTIFICATIONS_STREAM)
+    try:
+        with serve_in_thread(bootstrap.build_hooks(settings)), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield RunningNotifier(port, stream, channel)
+    finally:
+        # The session's kinesalite has a shard limit shared by the whole suite.
+        with contextlib.suppress(Exception):
+            kinesis_client("us-east-1").delete_stream(StreamName=stream, EnforceConsumerDeletion=True)
+
+
+@pytest.fixture
+def notifier(kinesis_env: dict[str, str], database_url: str, smtp_server: tuple[RecordingHandler, int],
+             monkeypatch: pytest.MonkeyPatch) -> Iterator[RunningNotifier]:
+    _, smtp_port = smtp_server
+    with running_notifier(monkeypatch, database_url, smtp_port) as running:
+        yield running
 
 
 def _command(registration_id: str, kind: int, email_address: str, **fields: str) -> events_pb2.SendNotification:
@@ -246,22 +295,35 @@ def test_each_notification_is_emailed_once_even_when_the_command_is_redelivered(
     assert notifier.notifications(f"reg-{uuid.uuid4().hex}") == []
 
 
-def test_refused_or_invalid_recipients_fail_at_once_while_a_busy_mailbox_is_retried(
+def test_refused_or_invalid_recipients_fail_at_once_while_busy_or_closing_servers_are_retried(
     notifier: RunningNotifier, smtp_server: tuple[RecordingHandler, int], database_url: str
 ) -> None:
     handler, _ = smtp_server
     handler.refuse["gone@example.com"] = "550 5.1.1 No such user here"
     handler.defer_first["busy@example.com"] = ["451 4.3.0 Mailbox busy, try later"]
-    gone, invalid, busy, fine = (f"reg-{uuid.uuid4().hex[:10]}" for _ in range(4))
+    handler.defer_first["closing@example.com"] = ["421 4.3.2 Service shutting down, closing channel"]
+    handler.defer_data_first["closing-data@example.com"] = ["421 4.4.5 Too busy, closing channel"]
+    gone, invalid, busy, closing, closing_data, fine = (f"reg-{uuid.uuid4().hex[:10]}" for _ in range(6))
     _publish(notifier.stream, [
         _command(gone, Kind.NOTIFICATION_KIND_ENROLLED, "gone@example.com"),
         _command(invalid, Kind.NOTIFICATION_KIND_ENROLLED, "not-an-address"),
         _command(busy, Kind.NOTIFICATION_KIND_ENROLLED, "busy@example.com"),
+        _command(closing, Kind.NOTIFICATION_KIND_ENROLLED, "closing@example.com"),
+        _command(closing_data, Kind.NOTIFICATION_KIND_ENROLLED, "closing-data@example.com"),
         _command(fine, Kind.NOTIFICATION_KIND_ENROLLED, "fine@example.com"),
         b"\x00not an envelope",
     ])
 
-    _eventually(lambda: _settled(notifier, [gone, invalid, busy, fine], 4), what="all notifications settled")
+    everyone = [gone, invalid, busy, closing, closing_data, fine]
+    _eventually(lambda: _settled(notifier, everyone, 6), what="all notifications settled")
+
+    for registration_id, address, reply in [(closing, "closing@example.com", "421"),
+                                            (closing_data, "closing-data@example.com", "421")]:
+        (deferred,) = notifier.notifications(registration_id)
+        assert (deferred.status, deferred.attempts) == (SENT, 2), address
+        assert reply in deferred.last_error
+        assert len(handler.mail_to(address)) == 1
+    assert handler.rcpt_attempts["closing@example.com"] == 2
 
     (refused,) = notifier.notifications(gone)
     assert refused.status == FAILED
@@ -295,6 +357,12 @@ def test_refused_or_invalid_recipients_fail_at_once_while_a_busy_mailbox_is_retr
     time.sleep(1.2)  # nothing failed is tried again
     assert handler.rcpt_attempts["gone@example.com"] == 1
 
+    stats = notifier.stats()
+    assert (stats.sent_since_start, stats.failed_since_start, stats.retried_since_start) == (4, 2, 3)
+    assert (stats.pending_count, stats.due_count, stats.retrying_count, stats.failed_count) == (0, 0, 0, 2)
+    assert stats.in_flight == 0
+    assert stats.oldest_pending_age.ToTimedelta().total_seconds() == 0
+
 
 def test_listing_without_a_valid_registration_id_is_invalid_argument_naming_the_field(
     notifier: RunningNotifier,
@@ -314,3 +382,173 @@ def test_listing_without_a_valid_registration_id_is_invalid_argument_naming_the_
             if detail.Unpack(bad_request):
                 violations.extend(bad_request.field_violations)
         assert [v.field for v in violations] == ["registration_id"]
+
+
+def _publish_on_one_shard(stream: str, commands: list[events_pb2.SendNotification]) -> list[str]:
+    """Publishes with one partition key, so every record lands on one shard; returns sequence numbers."""
+    client = kinesis_client("us-east-1")
+    ensure_stream(client, stream, 2)
+    sequence_numbers = put_records(client, stream, [
+        OutgoingRecord("one-shard", new_envelope(c.registration_id, send_notification=c).SerializeToString())
+        for c in commands
+    ])
+    assert all(sequence_numbers)
+    return [str(n) for n in sequence_numbers]
+
+
+def _checkpoints(database_url: str, stream: str) -> set[str]:
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return {c for c in conn.execute(
+                select(shard_leases.c.checkpoint).where(shard_leases.c.stream_name == stream)
+            ).scalars() if c}
+    finally:
+        engine.dispose()
+
+
+def test_a_hanging_server_times_out_each_send_while_the_checkpoint_moves_on_and_all_is_sent_later(
+    kinesis_env: dict[str, str], database_url: str, smtp_server: tuple[RecordingHandler, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    handler, smtp_port = smtp_server
+    handler.hanging = True
+    first = [_command(f"reg-{uuid.uuid4().hex[:10]}", Kind.NOTIFICATION_KIND_ENROLLED, f"early{i}@example.com")
+             for i in range(3)]
+    later = [_command(f"reg-{uuid.uuid4().hex[:10]}", Kind.NOTIFICATION_KIND_ENROLLED, f"later{i}@example.com")
+             for i in range(20)]
+    with running_notifier(monkeypatch, database_url, smtp_port, SMTP_TIMEOUT_SECONDS="0.5",
+                          NOTIFIER_MAX_ATTEMPTS="50", NOTIFIER_RETRY_MAX_SECONDS="0.4") as notifier:
+        _publish_on_one_shard(notifier.stream, first)
+        _eventually(lambda: handler.hung >= 1, what="a send stuck in DATA")
+
+        # SMTP hangs; the consumer keeps recording commands and checkpointing past them.
+        last_sequence = _publish_on_one_shard(notifier.stream, later)[-1]
+        everyone = [c.registration_id for c in first + later]
+        _eventually(lambda: last_sequence in _checkpoints(database_url, notifier.stream), timeout=10,
+                    what="checkpoint at the last record")
+        assert all(len(notifier.notifications(rid)) == 1 for rid in everyone)
+        assert handler.hanging and handler.received == []
+
+        # Each stuck send gave up after the timeout and was scheduled again.
+        _eventually(lambda: any("timed out" in n.last_error for n in notifier.notifications(first[0].registration_id)),
+                    what="a timed-out attempt recorded")
+        stats = notifier.stats()
+        assert stats.pending_count == len(everyone)
+        assert stats.sent_since_start == 0 and stats.failed_since_start == 0
+        assert stats.retried_since_start >= 1
+        assert stats.retrying_count >= 1
+        assert stats.oldest_pending_age.ToTimedelta().total_seconds() > 0
+
+        handler.hanging = False
+        _eventually(lambda: _settled(notifier, everyone, len(everyone)), what="everything sent once SMTP answers")
+        assert all(n.status == SENT for rid in everyone for n in notifier.notifications(rid))
+        (early,) = notifier.notifications(first[0].registration_id)
+        assert early.attempts >= 2 and "timed out" in early.last_error
+        assert notifier.stats().pending_count == 0
+    recipients = [address for mail in handler.received for address in mail.rcpt_tos]
+    assert sorted(recipients) == sorted(c.email for c in first + later)
+
+
+@pytest.fixture
+def refusing_port() -> Iterator[int]:
+    """A port where nothing listens (bound, so nobody else takes it): connections are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
+def test_a_server_that_is_down_is_retried_with_backoff_then_recorded_as_failed(
+    kinesis_env: dict[str, str], database_url: str, refusing_port: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registration_ids = [f"reg-{uuid.uuid4().hex[:10]}" for _ in range(3)]
+    with running_notifier(monkeypatch, database_url, refusing_port, NOTIFIER_MAX_ATTEMPTS="3",
+                          NOTIFIER_RETRY_BASE_SECONDS="0.4") as notifier:
+        published = time.monotonic()
+        _publish(notifier.stream, [_command(rid, Kind.NOTIFICATION_KIND_RECEIVED, f"{rid}@example.com")
+                                   for rid in registration_ids])
+        _eventually(lambda: _settled(notifier, registration_ids, 3), what="all recorded")
+        elapsed = time.monotonic() - published
+        stats = notifier.stats()
+        for rid in registration_ids:
+            (failed,) = notifier.notifications(rid)
+            assert (failed.status, failed.attempts) == (FAILED, 3)
+            assert "connect failed" in failed.last_error
+    # Refused connections fail at once: only the backoff (>= 0.2 s, then >= 0.4 s) takes time.
+    assert elapsed >= 0.6
+    assert (stats.sent_since_start, stats.retried_since_start, stats.failed_since_start) == (0, 6, 3)
+    assert (stats.pending_count, stats.failed_count) == (0, 3)
+
+
+def test_every_kind_in_both_locales_reaches_the_server_well_formed_with_hostile_names_inert(
+    notifier: RunningNotifier, smtp_server: tuple[RecordingHandler, int]
+) -> None:
+    handler, _ = smtp_server
+    commands = [
+        _command(f"reg-{uuid.uuid4().hex[:10]}", kind, f"{locale.lower()}-{kind}@example.com", locale=locale,
+                 name=HOSTILE_NAME, course_name='Math\r\nCc: other@evil.test\n"quoted" <b>bold</b>')
+        for kind in Kind.values() if kind != Kind.NOTIFICATION_KIND_UNSPECIFIED
+        for locale in ("en", "pt-BR")
+    ]
+    assert len(commands) == 14
+    _publish(notifier.stream, list(commands))
+    _eventually(lambda: _settled(notifier, [c.registration_id for c in commands], 14), what="all sent")
+
+    subjects = set()
+    for command in commands:
+        (mail,) = handler.mail_to(command.email)
+        assert mail.rcpt_tos == [command.email]
+        message = mail.message
+        assert not message.defects
+        assert message["To"] == command.email
+        assert message["Bcc"] is None and message["Cc"] is None
+        assert message["X-Course-Signup-Kind"] == Kind.Name(command.kind).removeprefix(
+            "NOTIFICATION_KIND_").lower().replace("_", "-")
+        assert message["X-Course-Signup-Registration"] == command.registration_id
+        assert "Math Cc: other@evil.test" in message["Subject"]
+        subjects.add(message["Subject"])
+        text = message.get_body(("plain",)).get_content()
+        html = message.get_body(("html",)).get_content()
+        assert ("Olá Eve" if command.locale == "pt-BR" else "Hello Eve") in text
+        assert "<script>" not in html and "&lt;script&gt;" in html and "&lt;b&gt;bold" in html
+    assert len(subjects) == 14
+    assert "attacker@evil.test" not in "".join(handler.rcpt_attempts)
+    assert not any("evil.test" in address for mail in handler.received for address in mail.rcpt_tos)
+
+
+def test_a_metrics_line_is_logged_periodically_as_json_and_no_log_line_holds_an_address(
+    kinesis_env: dict[str, str], database_url: str, smtp_server: tuple[RecordingHandler, int],
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    handler, smtp_port = smtp_server
+    # Like Postfix, the reply quotes the address; the log must not.
+    handler.refuse["gone@example.com"] = "550 5.1.1 <gone@example.com>: Recipient address rejected: User unknown"
+    caplog.set_level(logging.INFO, logger="services.notifier")
+    sent, gone = (f"reg-{uuid.uuid4().hex[:10]}" for _ in range(2))
+    with running_notifier(monkeypatch, database_url, smtp_port, NOTIFIER_METRICS_LOG_SECONDS="0.2") as notifier:
+        _publish(notifier.stream, [_command(sent, Kind.NOTIFICATION_KIND_ENROLLED, "ana@example.com"),
+                                   _command(gone, Kind.NOTIFICATION_KIND_ENROLLED, "gone@example.com")])
+        _eventually(lambda: _settled(notifier, [sent, gone], 2), what="both settled")
+
+        def settled_line() -> logging.LogRecord | None:
+            lines = [r for r in caplog.records if r.getMessage() == "notifier metrics"]
+            return next((r for r in reversed(lines) if getattr(r, "sent", 0) == 1 and getattr(r, "failed", 0) == 1
+                         and getattr(r, "pending", -1) == 0), None)
+
+        _eventually(lambda: settled_line() is not None, timeout=5, what="a metrics line after both settled")
+        notifier_views = notifier.notifications(gone)
+    record = settled_line()
+    assert record is not None
+    entry = json.loads(JsonFormatter("notifier").format(record))
+    assert entry["message"] == "notifier metrics" and entry["level"] == "info"
+    assert {key: entry[key] for key in ("sent", "failed", "retried", "pending", "due", "retrying", "failed_total",
+                                        "in_flight")} == {
+        "sent": 1, "failed": 1, "retried": 0, "pending": 0, "due": 0, "retrying": 0, "failed_total": 1,
+        "in_flight": 0}
+    failures = [r for r in caplog.records if r.getMessage() == "notification failed"]
+    assert len(failures) == 1 and "Recipient address rejected" in failures[0].error  # type: ignore[attr-defined]
+    assert failures[0].error.startswith("550 5.1.1 <pii:")  # type: ignore[attr-defined]
+    logged = "\n".join(JsonFormatter("notifier").format(r) for r in caplog.records)
+    assert "ana@example.com" not in logged and "gone@" not in logged and "Ana Souza" not in logged
+    (gone_view,) = notifier_views
+    assert "<gone@example.com>" in gone_view.last_error, "the operator's record keeps the full reply"

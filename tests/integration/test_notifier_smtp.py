@@ -1,11 +1,13 @@
-"""The notifier's SMTP pool against real aiosmtpd servers: reuse, STARTTLS + AUTH, SMTPUTF8."""
+"""The notifier's SMTP pool against real servers: reuse, STARTTLS + AUTH, SMTPUTF8, hangs, outages, 421."""
 
 from __future__ import annotations
 
 import asyncio
 import pathlib
+import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -53,7 +55,7 @@ def _message(recipient: str) -> Any:
 
 
 def _mailer(port: int, **options: Any) -> SmtpMailer:
-    return SmtpMailer(host="127.0.0.1", port=port, mail_from=MAIL_FROM, timeout_seconds=5, **options)
+    return SmtpMailer(host="127.0.0.1", port=port, mail_from=MAIL_FROM, **{"timeout_seconds": 5, **options})
 
 
 def _server(handler: CountingHandler, **options: Any) -> tuple[Controller, int]:
@@ -189,3 +191,132 @@ async def _send_one(port: int, recipient: str) -> None:
     finally:
         await mailer.close()
     assert time.monotonic() - started < 5
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """Accepts TCP connections and never says a word (no greeting): a hung mail server."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join(2)
+        for connection in accepted:
+            connection.close()
+        listener.close()
+
+
+def test_a_server_that_never_greets_costs_one_timeout_and_is_a_transient_failure(silent_server: int) -> None:
+    async def send() -> float:
+        mailer = SmtpMailer(host="127.0.0.1", port=silent_server, mail_from=MAIL_FROM, timeout_seconds=0.4)
+        started = time.monotonic()
+        try:
+            with pytest.raises(TransientDeliveryError, match="timed out"):
+                await mailer.send(_message("ana@example.com"), "ana@example.com")
+            return time.monotonic() - started
+        finally:
+            await mailer.close()
+
+    assert 0.35 <= asyncio.run(send()) < 2.0
+
+
+class HangingDataHandler(CountingHandler):
+    """Answers everything but the first DATA, which it never answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hung = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.hung == 0:
+            self.hung += 1
+            await asyncio.sleep(30)  # cancelled when the server stops
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_a_send_stuck_in_data_times_out_and_its_connection_is_not_reused() -> None:
+    handler = HangingDataHandler()
+    controller, port = _server(handler)
+
+    async def send_twice() -> float:
+        mailer = _mailer(port, max_connections=1, timeout_seconds=0.4)
+        started = time.monotonic()
+        try:
+            with pytest.raises(TransientDeliveryError, match="timed out"):
+                await mailer.send(_message("a@example.com"), "a@example.com")
+            elapsed = time.monotonic() - started
+            await mailer.send(_message("b@example.com"), "b@example.com")
+            return elapsed
+        finally:
+            await mailer.close()
+
+    try:
+        elapsed = asyncio.run(send_twice())
+    finally:
+        controller.stop()
+    assert 0.35 <= elapsed < 2.0
+    assert [rcpts for rcpts, _ in handler.deliveries] == [["b@example.com"]]
+    assert handler.greetings == 2, "the stuck connection was dropped, a fresh one carried the next message"
+
+
+def test_a_server_that_is_down_is_a_transient_failure_at_once() -> None:
+    with socket.socket() as placeholder:  # bound, not listening: the connection is refused
+        placeholder.bind(("127.0.0.1", 0))
+        port = int(placeholder.getsockname()[1])
+        started = time.monotonic()
+        with pytest.raises(TransientDeliveryError, match="connect failed"):
+            asyncio.run(_send_one(port, "ana@example.com"))
+    assert time.monotonic() - started < 1.0
+
+
+class ClosingOnceHandler(CountingHandler):
+    """Replies 421 (closing the channel) to the first RCPT, then accepts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rcpts = 0
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        self.rcpts += 1
+        if self.rcpts == 1:
+            return "421 4.3.2 Service shutting down, closing channel"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+def test_421_is_transient_and_the_next_message_goes_over_a_new_connection() -> None:
+    handler = ClosingOnceHandler()
+    controller, port = _server(handler)
+
+    async def send_twice() -> None:
+        mailer = _mailer(port, max_connections=1)
+        try:
+            with pytest.raises(TransientDeliveryError, match="421"):
+                await mailer.send(_message("a@example.com"), "a@example.com")
+            await mailer.send(_message("a@example.com"), "a@example.com")
+        finally:
+            await mailer.close()
+
+    try:
+        asyncio.run(send_twice())
+    finally:
+        controller.stop()
+    assert [rcpts for rcpts, _ in handler.deliveries] == [["a@example.com"]]
+    assert handler.greetings == 2

@@ -17,8 +17,11 @@ for a connection behind slow sends is not sent once the send could outlast its c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
 import time
+import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
@@ -58,6 +61,20 @@ class Store(Protocol):
 
 # Builds the message (bytes to send) for a notification and its validated recipient address.
 Composer = Callable[[Notification, str], bytes]
+
+
+def _without_address(text: str, address: str) -> str:
+    """`text` (an SMTP reply or error, which often quotes the recipient) fit for a log:
+    the address as given, as normalized, and its local part become its pseudonym."""
+    forms = {address.strip()}
+    with contextlib.suppress(DeliveryError):
+        forms.add(validate_recipient(address))
+    forms |= {form.rpartition("@")[0] for form in forms if len(form.rpartition("@")[0]) >= 3}
+    forms.discard("")
+    if not forms:
+        return text
+    pattern = re.compile("|".join(re.escape(form) for form in sorted(forms, key=len, reverse=True)), re.IGNORECASE)
+    return pattern.sub(pseudonym(address), text)
 
 
 class Sender:
@@ -129,7 +146,8 @@ class Sender:
             pass  # the loop is closing; polling after a restart picks the rows up
 
     async def stop(self, grace_seconds: float = 5.0) -> None:
-        """Stops claiming, lets sends in flight finish for `grace_seconds`, records outcomes."""
+        """Stops claiming, lets sends in progress finish for `grace_seconds` (claimed rows not
+        yet sending are handed back at once), records outcomes."""
         self._stopping = True
         self._wake.set()
         if self._task is not None:
@@ -204,9 +222,14 @@ class Sender:
         self._log(claim, outcome)
         self._outcomes.append(outcome)
         self._outcomes_ready.set()
+        if isinstance(outcome, RetryLater | NotAttempted) and self._loop is not None:
+            # Claim it again once it is due and recorded, rather than at the next poll.
+            due = outcome.next_attempt_at if isinstance(outcome, RetryLater) else time.time()
+            self._loop.call_later(max(0.0, due - time.time()) + self._record_window * 2, self._wake.set)
 
     async def _attempt(self, claim: ClaimedNotification) -> Outcome:
-        if time.time() + self._send_timeout > claim.claimed_until - self._record_slack:
+        # Shutting down, or too late to finish before the claim lapses: hand it back unsent.
+        if self._stopping or time.time() + self._send_timeout > claim.claimed_until - self._record_slack:
             return NotAttempted(claim.id, claim.attempt)
         notification = claim.notification
         try:
@@ -216,8 +239,12 @@ class Sender:
         except DeliveryError as error:
             return self._retry.after_failure(claim, error, time.time())
         except Exception as error:
-            log.exception("unexpected error sending a notification",
-                          extra={"registration_id": notification.registration_id})
+            # Not log.exception: the exception's message may quote the address.
+            log.error("unexpected error sending a notification",
+                      extra={"registration_id": notification.registration_id,
+                             "error": _without_address(f"{type(error).__name__}: {error}"[:300],
+                                                       notification.recipient),
+                             "traceback": "".join(traceback.format_tb(error.__traceback__))[-3000:]})
             return self._retry.after_failure(
                 claim, TransientDeliveryError(f"unexpected error: {type(error).__name__}: {error}"), time.time()
             )
@@ -246,10 +273,11 @@ class Sender:
             log.debug("notification sent", extra=fields)
         elif isinstance(outcome, RetryLater):
             log.info("notification will be retried",
-                     extra={**fields, "error": outcome.error[:300],
+                     extra={**fields, "error": _without_address(outcome.error[:300], notification.recipient),
                             "retry_in_seconds": round(outcome.next_attempt_at - time.time(), 2)})
         elif isinstance(outcome, GaveUp):
-            log.warning("notification failed", extra={**fields, "error": outcome.error[:300]})
+            log.warning("notification failed",
+                        extra={**fields, "error": _without_address(outcome.error[:300], notification.recipient)})
         elif isinstance(outcome, NotAttempted):
             log.info("notification handed back unsent: its claim would lapse during the send", extra=fields)
 

@@ -51,5 +51,7 @@ class RegistrationIds:
             raw = base64.b32decode(body + "=" * (-len(body) % 8))
         except (binascii.Error, ValueError):
             return IdCheck.MALFORMED
+        if base64.b32encode(raw).decode().rstrip("=") != body:
+            return IdCheck.MALFORMED  # non-canonical spelling (stray padding bits)
         nonce, tag = raw[:_NONCE], raw[_NONCE:]
         return IdCheck.ISSUED if hmac.compare_digest(tag, self._tag(nonce)) else IdCheck.NOT_ISSUED
