@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from coursesignup.notifier.v1 import notifier_pb2_grpc
 from libs import consumer as consumer_lib
 from libs.config import NotifierSettings
-from libs.db import make_engine
+from libs.db import make_engine, wait_for_database
 from libs.grpc_server import ServiceHooks, in_daemon_thread, run_service
 from libs.kinesis import NOTIFICATIONS_STREAM, ensure_stream, kinesis_client, wait_for_kinesis
 from services.notifier.adapters import repository
@@ -66,9 +66,12 @@ class Notifier:
 
     async def start(self) -> None:
         settings = self.settings
-        engine = self.engine = make_engine(settings.notifier_database_url)
+        engine = self.engine = make_engine(
+            settings.notifier_database_url, idle_in_transaction_seconds=2 * settings.lease_seconds
+        )
 
         def create_tables() -> None:
+            wait_for_database(engine)
             repository.create_tables(engine)
             consumer_lib.metadata.create_all(engine)
 
