@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from libs import consumer as consumer_lib
 from libs.config import StatsSettings
-from libs.db import make_engine
+from libs.db import make_engine, wait_for_database
 from libs.errors import Unavailable
 from libs.grpc_server import ServiceHooks, in_daemon_thread, run_service
 from libs.kinesis import ENROLLMENT_EVENTS_STREAM, ensure_stream, kinesis_client, wait_for_kinesis
@@ -50,7 +50,8 @@ class StatsRuntime:
     def start(self) -> None:
         """Blocking start-up (run in a daemon thread); returns once the consumer is ready."""
         settings = self.settings
-        engine = make_engine(settings.stats_database_url)
+        engine = make_engine(settings.stats_database_url, idle_in_transaction_seconds=2 * settings.lease_seconds)
+        wait_for_database(engine)
         create_schema(engine)
         consumer_lib.metadata.create_all(engine)
         if complete_older_read_model(engine):

@@ -19,13 +19,16 @@ from services.stats.service_layer.rebuild import CHUNK_SIZE, WorkersStillRunning
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.stats.rebuild", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m services.stats.rebuild",
+        description="Rebuilds the stats read model from the enrollment database (stop the stats service first).",
+    )
     parser.add_argument(
         "--force",
         action="store_true",
         help="rebuild even while stats workers hold leases (they are fenced out until it commits)",
     )
-    parser.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="rows per statement (default %(default)s)")
+    parser.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="enrollments per step (default %(default)s)")
     args = parser.parse_args(argv)
     stats_url = StatsSettings().stats_database_url
     enrollment_url = EnrollmentSettings().enrollment_database_url

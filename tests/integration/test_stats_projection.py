@@ -177,3 +177,48 @@ def test_removing_enrollments_brings_every_figure_back_and_redelivery_does_not_u
                 table.name
             )
         assert conn.execute(select(func.count()).select_from(roster)).scalar_one() == 300
+
+
+def test_two_workers_enrolling_one_student_at_once_count_them_once_and_keep_both_enrollments(engine):
+    """Courses on different shards are projected by different workers, concurrently. The
+    second worker waits for the first one's lock on the student, then recounts the
+    student from a roster that includes the first one's enrollment."""
+    import threading
+    import time
+
+    born = date(1999, 9, 9)
+
+    def enrolled(number: int, course_id: str, minute: int) -> StudentEnrolled:
+        return StudentEnrolled(
+            f"r{number}", course_id, COURSES[course_id], "ana@example.org", "Ana", born,
+            datetime(2025, 1, 1, 0, minute, tzinfo=UTC),
+        )
+
+    first = engine.connect()
+    transaction = first.begin()
+    add_enrollments(first, [enrolled(1, "cs101", minute=5)])
+    second_done = threading.Event()
+
+    def second_worker() -> None:
+        with engine.begin() as conn:
+            add_enrollments(conn, [enrolled(2, "cs102", minute=1)])
+        second_done.set()
+
+    thread = threading.Thread(target=second_worker)
+    thread.start()
+    time.sleep(0.5)
+    assert not second_done.is_set(), "the second worker should wait for the first one's lock"
+    transaction.commit()
+    first.close()
+    thread.join(30)
+    assert second_done.is_set()
+
+    as_of = date(2025, 6, 1)
+    for scope in (campus_scope("north"), OVERALL_SCOPE):
+        assert age_metrics(engine, scope, as_of).student_count == 1, scope
+    with engine.connect() as conn:
+        assert conn.execute(select(campus_students.c.enrollments)).scalar_one() == 2
+        assert conn.execute(select(students.c.enrollments)).scalar_one() == 2
+    with engine.begin() as conn:
+        remove_enrollments(conn, ["r2"], datetime(2025, 2, 1, tzinfo=UTC))
+    assert age_metrics(engine, OVERALL_SCOPE, as_of).student_count == 1, "still enrolled in cs101"

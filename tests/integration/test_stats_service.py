@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import statistics
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
@@ -30,8 +31,11 @@ from libs.db import make_engine
 from libs.envelope import new_envelope
 from libs.grpc_server import serve
 from libs.kinesis import ENROLLMENT_EVENTS_STREAM, OutgoingRecord, kinesis_client, put_records
+from services.stats.adapters.tables import create_schema
 from services.stats.bootstrap import SERVICE_NAME, build_hooks
 from services.stats.domain.ages import age_on
+from services.stats.domain.model import StudentEnrolled
+from services.stats.service_layer.projection import add_enrollments
 from tests.helpers import free_port
 
 COURSES = {"cs101": "north", "cs102": "north", "bio1": "south"}
@@ -329,5 +333,149 @@ def test_bad_requests_get_invalid_argument_naming_the_field_and_unknown_scopes_g
                 0,
                 29,
             )
+
+    asyncio.run(scenario())
+
+
+def _seed_read_model(database_url: str) -> list[StudentEnrolled]:
+    """Enrollments written straight into the read model the service reads."""
+    rng = random.Random(132)
+    events = [
+        StudentEnrolled(
+            registration_id=f"reg-{n:03d}",
+            course_id=course_id,
+            campus_id=COURSES[course_id],
+            email=f"student{n % 23}@example.org",
+            name=rng.choice(["Ana", "ana", "Zoë", "Bob", "Émile"]),
+            birth_date=FEB_29_BORN if n % 5 == 0 else date(1970, 1, 1) + timedelta(days=rng.randrange(12000)),
+            enroll_time=datetime(2025, 1, 10, 8, tzinfo=UTC) + timedelta(seconds=rng.randrange(40)),
+        )
+        for n, course_id in enumerate(rng.choice(sorted(COURSES)) for _ in range(60))
+    ]
+    engine = make_engine(database_url)
+    try:
+        create_schema(engine)
+        with engine.begin() as conn:
+            add_enrollments(conn, events)
+    finally:
+        engine.dispose()
+    return events
+
+
+async def _pages(call, request, size: int) -> tuple[list, list]:
+    """Every item of a paginated method, and the tokens it handed out."""
+    items, tokens = [], []
+    while True:
+        reply = await call(request)
+        items += list(reply.course_stats if hasattr(reply, "course_stats") else reply.enrollments)
+        if not reply.next_page_token:
+            return items, tokens
+        tokens.append(reply.next_page_token)
+        request.page_token = reply.next_page_token
+        request.page_size = size
+
+
+def test_dynamic_queries_page_through_everything_in_order_and_refuse_altered_tokens(settings, database_url):
+    events = _seed_read_model(database_url)
+    as_of = date(2025, 2, 28)
+    when = date_pb2.Date(year=2025, month=2, day=28)
+
+    async def scenario() -> None:
+        async with running_stats_service(settings) as channel:
+            stub = stats_pb2_grpc.StatsServiceStub(channel)
+
+            ages = {c: [age_on(e.birth_date, as_of) for e in events if e.course_id == c] for c in COURSES}
+            expected = sorted(
+                (c for c in COURSES if COURSES[c] == "north" or len(ages[c]) > 100),
+                key=lambda c: (-sum(ages[c]) / len(ages[c]), c),
+            )
+            request = stats_pb2.QueryCourseStatsRequest(
+                filter='campus_id = "north" OR student_count > 100',
+                order_by="average_age desc",
+                page_size=1,
+                as_of=when,
+            )
+            courses, tokens = await _pages(stub.QueryCourseStats, request, size=1)
+            assert [c.course_id for c in courses] == expected
+            assert len(tokens) == len(expected) - 1
+            for course in courses:
+                course_ages = sorted(ages[course.course_id])
+                assert (course.campus_id, course.student_count, course.min_age, course.max_age) == (
+                    "north", len(course_ages), course_ages[0], course_ages[-1],
+                )
+                assert course.average_age == sum(course_ages) / len(course_ages)
+                assert course.median_age == float(statistics.median(course_ages))
+
+            roster = sorted(
+                (e for e in events if e.course_id == "cs101"),
+                key=lambda e: (e.name, -e.enroll_time.timestamp(), e.registration_id),
+            )
+            listing = stats_pb2.ListEnrollmentsRequest(
+                course_id="cs101", order_by="name, enroll_time desc", page_size=4, as_of=when
+            )
+            students, roster_tokens = await _pages(stub.ListEnrollments, listing, size=4)
+            assert [s.registration_id for s in students] == [e.registration_id for e in roster]
+            first = students[0]
+            source = roster[0]
+            assert (first.name, first.email, first.age) == (source.name, source.email, age_on(source.birth_date, as_of))
+            assert (first.birth_date.year, first.birth_date.month, first.birth_date.day) == (
+                source.birth_date.year, source.birth_date.month, source.birth_date.day,
+            )
+            assert first.enroll_time.ToDatetime(tzinfo=UTC) == source.enroll_time
+
+            older = [e.registration_id for e in roster if age_on(e.birth_date, as_of) >= 30]
+            filtered = await stub.ListEnrollments(
+                stats_pb2.ListEnrollmentsRequest(
+                    course_id="cs101", filter='age >= 30 AND enroll_time >= "2025-01-10T08:00:00Z"',
+                    order_by="name, enroll_time desc", page_size=1000, as_of=when,
+                )
+            )
+            assert [s.registration_id for s in filtered.enrollments] == older
+
+            bad_requests = [
+                (stub.QueryCourseStats(stats_pb2.QueryCourseStatsRequest(filter="'; DROP TABLE roster; --")),
+                 {"filter"}),
+                (stub.QueryCourseStats(stats_pb2.QueryCourseStatsRequest(filter='student_count >= "x"')),
+                 {"filter"}),
+                (stub.QueryCourseStats(stats_pb2.QueryCourseStatsRequest(order_by="name")), {"order_by"}),
+                (stub.QueryCourseStats(stats_pb2.QueryCourseStatsRequest(page_size=-1)), {"page_size"}),
+                (stub.ListEnrollments(stats_pb2.ListEnrollmentsRequest(course_id="CS 101", filter="age >")),
+                 {"course_id"}),
+                (stub.ListEnrollments(stats_pb2.ListEnrollmentsRequest(course_id="cs101", filter="unknown = 1")),
+                 {"filter"}),
+                (stub.GetOverallStats(stats_pb2.GetOverallStatsRequest(view=7)), {"view"}),
+            ]
+            token = tokens[0]
+            tampered = token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]
+            for altered in (
+                stats_pb2.QueryCourseStatsRequest(filter=request.filter, order_by=request.order_by, as_of=when,
+                                                  page_token=tampered),
+                stats_pb2.QueryCourseStatsRequest(filter='campus_id = "south"', order_by=request.order_by,
+                                                  as_of=when, page_token=token),
+                stats_pb2.QueryCourseStatsRequest(filter=request.filter, order_by=request.order_by,
+                                                  page_token=token),
+            ):
+                bad_requests.append((stub.QueryCourseStats(altered), {"page_token"}))
+            bad_requests.append(
+                (stub.ListEnrollments(stats_pb2.ListEnrollmentsRequest(course_id="cs102", order_by=listing.order_by,
+                                                                       as_of=when, page_token=roster_tokens[0])),
+                 {"page_token"})
+            )
+            for call, fields in bad_requests:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert set(_violations(caught.value)) == fields
+
+            overall = await stub.GetOverallStats(
+                stats_pb2.GetOverallStatsRequest(as_of=when, view=stats_pb2.AGE_STATS_VIEW_FULL)
+            )
+            basic = await stub.GetOverallStats(stats_pb2.GetOverallStatsRequest(as_of=when))
+            histogram = {bucket.age: bucket.student_count for bucket in overall.age_histogram}
+            assert sum(histogram.values()) == overall.student_count == basic.student_count == 23
+            assert list(histogram) == sorted(histogram)
+            assert (min(histogram), max(histogram)) == (overall.min_age, overall.max_age)
+            assert basic.median_age == overall.median_age > 0
+            assert not basic.age_histogram, "the histogram is only computed when asked for"
 
     asyncio.run(scenario())

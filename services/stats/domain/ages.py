@@ -19,7 +19,6 @@ figures stay exact.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
@@ -105,22 +104,3 @@ def locate(counts: Iterable[tuple[K, int]], rank: int) -> tuple[K, int]:
             return key, rank - seen
         seen += students
     raise ValueError(f"rank {rank} is beyond the {seen} students counted")
-
-
-def median_age(counts: Mapping[date, int], as_of: date) -> float:
-    """The median age on as_of of the students counted per birth date (0 for none)."""
-    ordered = sorted((birth, n) for birth, n in counts.items() if n > 0)
-    students = sum(n for _, n in ordered)
-    if not students:
-        return 0.0
-    middle = [locate(ordered, rank)[0] for rank in median_ranks(students)]
-    return sum(age_on(birth, as_of) for birth in middle) / 2
-
-
-def age_histogram(counts: Mapping[date, int], as_of: date) -> dict[int, int]:
-    """Students per age on as_of, ages in increasing order, ages without students left out."""
-    histogram: Counter[int] = Counter()
-    for birth, n in counts.items():
-        if n > 0:
-            histogram[age_on(birth, as_of)] += n
-    return dict(sorted(histogram.items()))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import UTC, date, datetime
-from typing import Protocol
+from typing import TypeAlias
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -24,26 +24,16 @@ from libs.ids import check_resource_id
 from services.stats.domain.model import OVERALL_SCOPE, campus_scope, course_scope
 from services.stats.service_layer import queries, views
 
-
-class _DatedRequest(Protocol):
-    @property
-    def as_of(self) -> date_pb2.Date: ...
-
-    def HasField(self, field_name: str) -> bool: ...  # noqa: N802 - protobuf method
-
-
-class _ListingRequest(_DatedRequest, Protocol):
-    @property
-    def filter(self) -> str: ...
-    @property
-    def order_by(self) -> str: ...
-    @property
-    def page_size(self) -> int: ...
-    @property
-    def page_token(self) -> str: ...
+ListingMessage: TypeAlias = stats_pb2.QueryCourseStatsRequest | stats_pb2.ListEnrollmentsRequest
+DatedMessage: TypeAlias = (
+    stats_pb2.GetCourseStatsRequest
+    | stats_pb2.GetCampusStatsRequest
+    | stats_pb2.GetOverallStatsRequest
+    | ListingMessage
+)
 
 
-_VIEWS = {
+_VIEWS: dict[int, bool] = {
     stats_pb2.AGE_STATS_VIEW_UNSPECIFIED: False,
     stats_pb2.AGE_STATS_VIEW_BASIC: False,
     stats_pb2.AGE_STATS_VIEW_FULL: True,
@@ -162,7 +152,7 @@ class StatsServicer(stats_pb2_grpc.StatsServiceServicer):
         )
 
 
-def _listing(validator: Validator, request: _ListingRequest) -> queries.ListingRequest:
+def _listing(validator: Validator, request: ListingMessage) -> queries.ListingRequest:
     if request.page_size < 0:
         validator.add("page_size", "must not be negative")
     return queries.ListingRequest(
@@ -175,17 +165,17 @@ def _listing(validator: Validator, request: _ListingRequest) -> queries.ListingR
 
 
 def _view(validator: Validator, view: int) -> bool:
-    if view not in _VIEWS:
+    if int(view) not in _VIEWS:
         validator.add("view", "must be AGE_STATS_VIEW_BASIC or AGE_STATS_VIEW_FULL")
         return False
-    return _VIEWS[view]
+    return _VIEWS[int(view)]
 
 
 def _today() -> date:
     return datetime.now(UTC).date()
 
 
-def _as_of(validator: Validator, request: _DatedRequest) -> date | None:
+def _as_of(validator: Validator, request: DatedMessage) -> date | None:
     """The requested date; None when unset (an all-zero Date counts as unset)."""
     if not request.HasField("as_of"):
         return None

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Table, bindparam, delete, func, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, func, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from coursesignup.events.v1 import events_pb2
@@ -116,13 +116,16 @@ def add_enrollments(conn: Connection, events: Iterable[StudentEnrolled]) -> int:
         first_seen.setdefault(event.registration_id, event)
     if not first_seen:
         return 0
-    statement = upsertable_insert(conn, roster).on_conflict_do_nothing(index_elements=["registration_id"])
-    inserted = set(
-        conn.execute(
-            statement.returning(roster.c.registration_id),
+    inserted = {
+        row.registration_id
+        for row in upsert_rows(
+            conn,
+            roster,
             [_roster_row(first_seen[rid]) for rid in sorted(first_seen)],
-        ).scalars()
-    )
+            lambda insert: insert.on_conflict_do_nothing(index_elements=["registration_id"]),
+            returning=[roster.c.registration_id],
+        )
+    }
     fresh = [
         _Change(event.course_id, event.campus_id, event.email, event.birth_date, +1)
         for rid, event in first_seen.items()
@@ -272,17 +275,22 @@ def _lock_members(
     non-members) and returns the members among them as they stand."""
     if not keys:
         return {}
-    statement = upsertable_insert(conn, table)
-    statement = statement.on_conflict_do_update(
-        index_elements=list(key_columns), set_={"enrollments": table.c.enrollments}
-    ).returning(*(table.c[name] for name in key_columns), table.c.birth_date, table.c.enrollments)
     rows = [
         {**dict(zip(key_columns, key, strict=True)), "birth_date": placeholders[key], "enrollments": 0}
         for key in keys
     ]
+    locked = upsert_rows(
+        conn,
+        table,
+        rows,
+        lambda insert: insert.on_conflict_do_update(
+            index_elements=list(key_columns), set_={"enrollments": table.c.enrollments}
+        ),
+        returning=[*(table.c[name] for name in key_columns), table.c.birth_date, table.c.enrollments],
+    )
     return {
         tuple(row[: len(key_columns)]): _Member(row.enrollments, row.birth_date)
-        for row in conn.execute(statement, rows)
+        for row in locked
         if row.enrollments > 0
     }
 
@@ -332,30 +340,36 @@ def _settle_members(
     """Writes each locked student's new standing (deleting non-members); returns the
     students whose counted birth date changed, with the old and the new one (None
     outside the scope)."""
-    match = [table.c[name] == bindparam(f"k_{name}") for name in key_columns]
     updates: list[dict[str, Any]] = []
-    deletions: list[dict[str, Any]] = []
+    deletions: list[Key] = []
     moved = []
     for key in keys:
         old, new = before.get(key), after.get(key)
-        bound = {f"k_{name}": value for name, value in zip(key_columns, key, strict=True)}
         if new is None:
-            deletions.append(bound)
+            deletions.append(key)
         elif new != old:
-            updates.append({**bound, "new_birth_date": new.birth_date, "new_enrollments": new.enrollments})
+            updates.append(
+                {
+                    **dict(zip(key_columns, key, strict=True)),
+                    "birth_date": new.birth_date,
+                    "enrollments": new.enrollments,
+                }
+            )
         old_birth = old.birth_date if old else None
         new_birth = new.birth_date if new else None
         if old_birth != new_birth:
             moved.append((key, old_birth, new_birth))
-    if updates:
-        conn.execute(
-            update(table)
-            .where(*match)
-            .values(birth_date=bindparam("new_birth_date"), enrollments=bindparam("new_enrollments")),
-            updates,
-        )
-    if deletions:
-        conn.execute(delete(table).where(*match), deletions)
+    # The rows exist (locked above): an upsert writes them all in one statement.
+    upsert_rows(
+        conn,
+        table,
+        updates,
+        lambda insert: insert.on_conflict_do_update(
+            index_elements=list(key_columns),
+            set_={"birth_date": insert.excluded.birth_date, "enrollments": insert.excluded.enrollments},
+        ),
+    )
+    _delete_keys(conn, table, key_columns, deletions)
     return moved
 
 
@@ -452,31 +466,31 @@ def _apply_course_deltas(conn: Connection, deltas: Mapping[tuple[str, str, date]
         return
     table = course_summaries
     summed = ["students", "birth_year_total", *(born_in_month(month) for month in BIRTH_MONTHS)]
-    statement = upsertable_insert(conn, table)
-    conn.execute(
-        statement.on_conflict_do_update(
+    upsert_rows(
+        conn,
+        table,
+        [summaries[course_id] for course_id in sorted(summaries)],
+        lambda insert: insert.on_conflict_do_update(
             index_elements=["course_id"],
-            set_={name: table.c[name] + statement.excluded[name] for name in summed},
+            set_={name: table.c[name] + insert.excluded[name] for name in summed},
         ),
-        list(summaries.values()),
     )
-    touched = [{"k_course_id": course_id} for course_id in summaries]
-    this_course = table.c.course_id == bindparam("k_course_id")
-    conn.execute(delete(table).where(this_course, table.c.students <= 0), touched)
     buckets = age_buckets.c
-    conn.execute(
-        update(table)
-        .where(this_course)
-        .values(
-            earliest_birth_date=select(func.min(buckets.birth_date))
-            .where(buckets.scope == table.c.scope)
-            .scalar_subquery(),
-            latest_birth_date=select(func.max(buckets.birth_date))
-            .where(buckets.scope == table.c.scope)
-            .scalar_subquery(),
-        ),
-        touched,
-    )
+    for chunk in _chunks(sorted(summaries)):
+        this_course = table.c.course_id.in_(chunk)
+        conn.execute(delete(table).where(this_course, table.c.students <= 0))
+        conn.execute(
+            update(table)
+            .where(this_course)
+            .values(
+                earliest_birth_date=select(func.min(buckets.birth_date))
+                .where(buckets.scope == table.c.scope)
+                .scalar_subquery(),
+                latest_birth_date=select(func.max(buckets.birth_date))
+                .where(buckets.scope == table.c.scope)
+                .scalar_subquery(),
+            )
+        )
 
 
 def _add_to_rows(
@@ -486,36 +500,71 @@ def _add_to_rows(
     if not rows:
         return
     summed = [column.name for column in table.c if column.name not in key_columns]
-    statement = upsertable_insert(conn, table)
-    statement = statement.on_conflict_do_update(
-        index_elements=list(key_columns),
-        set_={name: table.c[name] + statement.excluded[name] for name in summed},
+    upsert_rows(
+        conn,
+        table,
+        sorted(rows, key=lambda row: tuple(row[name] for name in key_columns)),
+        lambda insert: insert.on_conflict_do_update(
+            index_elements=list(key_columns),
+            set_={name: table.c[name] + insert.excluded[name] for name in summed},
+        ),
     )
-    conn.execute(statement, sorted(rows, key=lambda row: tuple(row[name] for name in key_columns)))
 
 
 def _delete_empty_rows(
     conn: Connection, table: Table, key_columns: Sequence[str], rows: list[dict[str, Any]]
 ) -> None:
+    keys = [tuple(row[name] for name in key_columns) for row in rows]
+    _delete_keys(conn, table, key_columns, keys, table.c.students <= 0)
+
+
+def _delete_keys(
+    conn: Connection, table: Table, key_columns: Sequence[str], keys: Sequence[Key], *condition: Any
+) -> None:
+    """Deletes the rows with these keys (and the condition), a few hundred keys a statement."""
+    columns = [table.c[name] for name in key_columns]
+    for chunk in _chunks(sorted(keys)):
+        match = columns[0].in_([key[0] for key in chunk]) if len(columns) == 1 else tuple_(*columns).in_(chunk)
+        conn.execute(delete(table).where(match, *condition))
+
+
+def upsert_rows(
+    conn: Connection,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    on_conflict: Callable[[Any], Any],
+    returning: Sequence[Any] = (),
+) -> list[Any]:
+    """INSERT ... ON CONFLICT of many rows (all with the same columns), in their order.
+
+    On PostgreSQL the rows travel as one array per column, unnested into one statement:
+    its text never changes, so it is parsed and planned once per connection, and one
+    round trip writes a whole batch. (Multi-row VALUES would be re-parsed by the driver
+    at every batch; one execution per row costs a round trip each.) SQLite runs
+    in-process, where executemany is as good.
+    """
     if not rows:
-        return
-    match = [table.c[name] == bindparam(f"k_{name}") for name in key_columns]
-    conn.execute(
-        delete(table).where(*match, table.c.students <= 0),
-        [{f"k_{name}": row[name] for name in key_columns} for row in rows],
-    )
-
-
-# helpers -----------------------------------------------------------------------------
-
-
-def upsertable_insert(conn: Connection, table: Table) -> Any:
-    """INSERT with ON CONFLICT for the two databases the service runs on."""
+        return []
+    names = list(rows[0])
     if conn.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    if conn.dialect.name == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"the stats read model does not support {conn.dialect.name}")
+        columns = [
+            func.unnest(
+                bindparam(f"rows_{name}", [row[name] for row in rows], type_=postgresql.ARRAY(table.c[name].type))
+            ).label(name)
+            for name in names
+        ]
+        statement = on_conflict(postgresql.insert(table).from_select(names, select(*columns)))
+        if returning:
+            return list(conn.execute(statement.returning(*returning)))
+        conn.execute(statement)
+        return []
+    if conn.dialect.name != "sqlite":
+        raise NotImplementedError(f"the stats read model does not support {conn.dialect.name}")
+    statement = on_conflict(sqlite.insert(table))
+    if returning:
+        return list(conn.execute(statement.returning(*returning), list(rows)))
+    conn.execute(statement, list(rows))
+    return []
 
 
 def _roster_row(event: StudentEnrolled) -> dict[str, Any]:

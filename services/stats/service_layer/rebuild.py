@@ -21,15 +21,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, Engine, exists, func, select
 
 from libs import consumer as consumer_lib
 from services.enrollment.adapters.tables import courses, enrollments
-from services.stats.adapters.tables import age_years, create_schema, roster
-from services.stats.service_layer.projection import recount_from_roster, upsertable_insert
+from services.stats.adapters.tables import AGGREGATE_TABLES, age_years, create_schema, roster
+from services.stats.service_layer.projection import recount_from_roster, upsert_rows
 
-CHUNK_SIZE = 5000
+# Rows per step: larger steps rewrite each aggregate row fewer times in the transaction.
+CHUNK_SIZE = 20000
 
 Progress = Callable[[str, int, int], None]
 
@@ -77,17 +79,18 @@ def rebuild_from_enrollments(
             .join(courses, courses.c.course_id == enrollments.c.course_id)
             .order_by(enrollments.c.registration_id)
         )
-        upsert = upsertable_insert(stats, roster)
-        # The enrollment database is the truth: a tombstone for an enrollment it still
-        # holds (which the services never produce) gives way to the live row.
-        upsert = upsert.on_conflict_do_update(
-            index_elements=["registration_id"],
-            set_={column.name: upsert.excluded[column.name] for column in roster.c if column.name != "registration_id"},
-        )
+        def replace_tombstone(insert: Any) -> Any:
+            # The enrollment database is the truth: a tombstone for an enrollment it still
+            # holds (which the services never produce) gives way to the live row.
+            return insert.on_conflict_do_update(
+                index_elements=["registration_id"],
+                set_={c.name: insert.excluded[c.name] for c in roster.c if c.name != "registration_id"},
+            )
+
         with enrollment_engine.connect() as source:
             result = source.execution_options(stream_results=True, yield_per=chunk_size).execute(source_query)
             for rows in result.partitions():
-                stats.execute(upsert, [{**row._mapping, "removed_time": None} for row in rows])
+                upsert_rows(stats, roster, [{**row._mapping, "removed_time": None} for row in rows], replace_tombstone)
                 copied += len(rows)
                 report("copy enrollments", copied, total)
         tombstones = stats.execute(
@@ -95,7 +98,19 @@ def rebuild_from_enrollments(
         ).scalar_one()
         report("count aggregates", 0, copied)
         recount_from_roster(stats, chunk_size, lambda done: report("count aggregates", done, copied))
+    vacuum_analyze(stats_engine)
     return RebuildSummary(copied, tombstones, time.monotonic() - started)
+
+
+def vacuum_analyze(engine: Engine) -> None:
+    """On PostgreSQL, reclaims the row versions a rebuild leaves behind (every aggregate
+    row is rewritten many times in its one transaction) and refreshes the planner's
+    statistics, so reads are as fast right after a rebuild as in the steady state."""
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for table in (roster, *AGGREGATE_TABLES):
+            conn.exec_driver_sql(f'VACUUM ANALYZE "{table.name}"')
 
 
 def _fence_workers(stats: Connection, force: bool) -> None:
