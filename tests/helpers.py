@@ -9,7 +9,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -62,6 +62,32 @@ def kinesalite(path: pathlib.Path | None = None, shard_limit: int = 100_000) -> 
             process.kill()
 
 
+def wait_serving(port: int, timeout: float, check_alive: Callable[[], None]) -> None:
+    """Waits until the gRPC server on `port` reports SERVING; `check_alive` raises if it died."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    while not listening(port):
+        check_alive()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+        time.sleep(0.1)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            check_alive()
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"127.0.0.1:{port} not SERVING after {timeout}s")
+            time.sleep(0.1)
+
+
 def postgres_url() -> str:
     return os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL)
 
@@ -100,9 +126,6 @@ def serve_in_thread(hooks: ServiceHooks, timeout: float = 60.0) -> Iterator[None
     import asyncio
     import threading
 
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     from libs.grpc_server import serve
 
     loop = asyncio.new_event_loop()
@@ -118,22 +141,11 @@ def serve_in_thread(hooks: ServiceHooks, timeout: float = 60.0) -> Iterator[None
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    wait_for_port(hooks.port, timeout)
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(f"127.0.0.1:{hooks.port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if failure or not thread.is_alive():
-                raise RuntimeError(f"{hooks.name} failed to start: {failure}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{hooks.name} not SERVING after {timeout}s")
-            time.sleep(0.1)
+    def check_alive() -> None:
+        if failure or not thread.is_alive():
+            raise RuntimeError(f"{hooks.name} failed to start: {failure}")
+
+    wait_serving(hooks.port, timeout, check_alive)
     try:
         yield
     finally:

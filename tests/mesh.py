@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,11 +18,8 @@ from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from typing import Any
 
-import grpc
 from aiosmtpd.controller import Controller
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dev.ports import listening
 from tests import helpers
 
 SERVICES = ("registration", "enrollment", "stats", "notifier")
@@ -99,28 +95,15 @@ class Mesh:
             raise
 
     def wait_healthy(self, services: tuple[str, ...] | list[str] = SERVICES, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
         for service in services:
-            while not listening(self.ports[service]):
+            def check_alive(service: str = service) -> None:
                 process = self.processes.get(service)
-                if (process and process.poll() is not None) or time.monotonic() > deadline:
-                    raise AssertionError(f"{service} does not listen: {self.log_tail(service)}")
-                time.sleep(0.1)
-            with grpc.insecure_channel(self.target(service)) as channel:
-                stub = health_pb2_grpc.HealthStub(channel)
-                while True:
-                    process = self.processes.get(service)
-                    if process and process.poll() is not None:
-                        raise AssertionError(f"{service} exited: {self.log_tail(service)}")
-                    try:
-                        reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                            break
-                    except grpc.RpcError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise AssertionError(f"{service} not SERVING: {self.log_tail(service)}")
-                    time.sleep(0.2)
+                if process and process.poll() is not None:
+                    raise AssertionError(f"{service} exited: {self.log_tail(service)}")
+            try:
+                helpers.wait_serving(self.ports[service], timeout, check_alive)
+            except TimeoutError as error:
+                raise AssertionError(f"{error}: {self.log_tail(service)}") from error
 
     def log_tail(self, service: str, lines: int = 30) -> str:
         path = self.logs / f"{service}.log"
