@@ -42,6 +42,9 @@ class RegistrationSettings(CommonSettings):
     registration_id_secret: str = "local-development-secret-change-me"
     # How long Register waits to gather a PutRecords batch.
     register_batch_millis: float = 2.0
+    # PutRecords calls in flight per stream; while they are busy, records queue up and
+    # leave together (group commit), so fewer in flight means bigger batches.
+    register_max_in_flight: int = Field(default=1, ge=1, le=32)
 
 
 class EnrollmentSettings(CommonSettings):

@@ -134,7 +134,8 @@ class _Pending:
 class RecordBatcher:
     """Gathers concurrent `put` calls into PutRecords batches.
 
-    Up to `max_in_flight` PutRecords calls run at once in worker threads. Records that
+    Up to `max_in_flight` PutRecords calls run at once in worker threads; records that
+    arrive meanwhile wait and leave together, so batches grow with the load. Records that
     Kinesis rejects (throttling, internal failure) are retried with backoff until
     `deadline_seconds`, after which their callers get KinesisUnavailable.
     """
@@ -145,7 +146,7 @@ class RecordBatcher:
         stream: str,
         *,
         max_wait_seconds: float = 0.002,
-        max_in_flight: int = 8,
+        max_in_flight: int = 1,
         deadline_seconds: float = 10.0,
     ) -> None:
         self._client = client
@@ -171,24 +172,20 @@ class RecordBatcher:
     async def put(self, data: bytes, partition_key: str) -> str:
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(OutgoingRecord(partition_key, data), future))
-        return await asyncio.wait_for(asyncio.shield(future), self._deadline + 5)
+        async with asyncio.timeout(self._deadline + 5):  # a backstop: _send settles every future
+            return await future
 
     async def _run(self) -> None:
         while True:
             first = await self._queue.get()
+            # Group commit: while every slot is busy, new records pile up in the queue and
+            # leave together in the next call, so batches grow with the load by themselves.
+            await self._slots.acquire()
+            if self._max_wait and self._queue.qsize() < MAX_RECORDS_PER_PUT - 1:
+                await asyncio.sleep(self._max_wait)
             batch = [first]
-            gather_until = time.monotonic() + self._max_wait
-            while len(batch) < MAX_RECORDS_PER_PUT:
-                remaining = gather_until - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
             while len(batch) < MAX_RECORDS_PER_PUT and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            await self._slots.acquire()
             task = asyncio.get_running_loop().create_task(self._send(batch))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)

@@ -34,8 +34,10 @@ def build_hooks(settings: RegistrationSettings) -> ServiceHooks:
         parts.update(
             channel=channel,
             catalogue=Catalogue(channel),
-            commands=RecordBatcher(client, settings.stream_name(REGISTRATIONS_STREAM), max_wait_seconds=wait),
-            notifications=RecordBatcher(client, settings.stream_name(NOTIFICATIONS_STREAM), max_wait_seconds=wait),
+            commands=RecordBatcher(client, settings.stream_name(REGISTRATIONS_STREAM), max_wait_seconds=wait,
+                                   max_in_flight=settings.register_max_in_flight),
+            notifications=RecordBatcher(client, settings.stream_name(NOTIFICATIONS_STREAM), max_wait_seconds=wait,
+                                        max_in_flight=settings.register_max_in_flight),
         )
         parts["servicer"] = RegistrationServicer(
             RegistrationIds(settings.registration_id_secret),
