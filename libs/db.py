@@ -12,7 +12,7 @@ import pathlib
 import time
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, MetaData, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
@@ -90,6 +90,37 @@ def wait_for_database(engine: Engine, timeout: float = 300.0) -> None:
                                                                    "retry_in_seconds": round(delay, 1)})
             time.sleep(delay)
             delay = min(5.0, delay * 2)
+
+
+class SchemaOutOfDate(RuntimeError):
+    """The database was created by an older version: columns this code needs are missing."""
+
+
+def ensure_schema(engine: Engine, *metadatas: MetaData) -> None:
+    """Creates missing tables and indexes, then checks existing tables have every column.
+
+    There are no migrations yet (tables are created at start), so a database made by an
+    older version is refused at start with the missing columns named, instead of
+    failing later on some query.
+    """
+    for metadata in metadatas:
+        metadata.create_all(engine)
+        for table in metadata.sorted_tables:
+            for index in table.indexes:
+                index.create(engine, checkfirst=True)
+    inspector = inspect(engine)
+    missing = [
+        f"{table.name}.{column.name}"
+        for metadata in metadatas
+        for table in metadata.sorted_tables
+        for column in table.columns
+        if column.name not in {c["name"] for c in inspector.get_columns(table.name)}
+    ]
+    if missing:
+        raise SchemaOutOfDate(
+            f"the database lacks columns this version needs: {', '.join(missing)}. It was created by an "
+            "older version and there are no migrations yet: recreate it (for `make run`: rm -rf var)."
+        )
 
 
 def is_postgres(engine: Engine) -> bool:

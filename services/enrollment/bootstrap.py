@@ -14,7 +14,7 @@ from coursesignup.enrollment.v1 import enrollment_pb2_grpc
 from libs import consumer as consumer_lib
 from libs import outbox as outbox_lib
 from libs.config import EnrollmentSettings
-from libs.db import make_engine, wait_for_database
+from libs.db import ensure_schema, make_engine, wait_for_database
 from libs.grpc_server import ServiceHooks, in_daemon_thread, run_service
 from libs.kinesis import (
     ENROLLMENT_EVENTS_STREAM,
@@ -43,9 +43,7 @@ class EnrollmentApp:
     def start(self) -> None:
         settings = self.settings
         wait_for_database(self.engine)
-        metadata.create_all(self.engine)
-        consumer_lib.metadata.create_all(self.engine)
-        outbox_lib.metadata.create_all(self.engine)
+        ensure_schema(self.engine, metadata, consumer_lib.metadata, outbox_lib.metadata)
         if settings.seed_demo_catalogue and seed_demo_catalogue(self.engine):
             log.info("demo catalogue loaded")
         client = kinesis_client(settings.aws_region)

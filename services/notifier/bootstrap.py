@@ -73,7 +73,6 @@ class Notifier:
         def create_tables() -> None:
             wait_for_database(engine)
             repository.create_tables(engine)
-            consumer_lib.metadata.create_all(engine)
 
         await in_daemon_thread(create_tables)
         self.store = NotificationStore(engine)

@@ -53,7 +53,6 @@ class StatsRuntime:
         engine = make_engine(settings.stats_database_url, idle_in_transaction_seconds=2 * settings.lease_seconds)
         wait_for_database(engine)
         create_schema(engine)
-        consumer_lib.metadata.create_all(engine)
         if complete_older_read_model(engine):
             log.info("counted the aggregates an older version of the read model lacked")
         self.engine = engine

@@ -41,6 +41,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from libs import consumer as consumer_lib
+from libs.db import ensure_schema
 from services.notifier.domain.model import (
     ClaimedNotification,
     Delivered,
@@ -98,7 +100,8 @@ _ROWS_PER_INSERT = 500
 
 
 def create_tables(engine: Engine) -> None:
-    metadata.create_all(engine)
+    """Creates missing tables and indexes; refuses a database from an older version."""
+    ensure_schema(engine, metadata, consumer_lib.metadata)
 
 
 def _utc(value: datetime | None) -> datetime | None:

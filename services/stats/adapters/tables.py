@@ -25,6 +25,9 @@ from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, Date, DateTime, Engine, Index, Integer, MetaData, String, Table
 
+from libs import consumer as consumer_lib
+from libs.db import ensure_schema
+
 metadata = MetaData()
 
 roster = Table(
@@ -138,8 +141,5 @@ AGGREGATE_TABLES = (
 
 
 def create_schema(engine: Engine) -> None:
-    """Creates missing tables, and indexes added to existing tables since they were made."""
-    metadata.create_all(engine)
-    for table in metadata.sorted_tables:
-        for index in table.indexes:
-            index.create(engine, checkfirst=True)
+    """Creates missing tables and indexes; refuses a database from an older version."""
+    ensure_schema(engine, metadata, consumer_lib.metadata)
