@@ -28,7 +28,6 @@ import functools
 import os
 import pathlib
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from email.message import EmailMessage
 import aiosmtplib
 from sqlalchemy import func, select
 
+from dev.ports import listening
 from libs.config import NotifierSettings
 from libs.db import make_engine
 from services.notifier.adapters import repository
@@ -52,6 +52,7 @@ from services.notifier.domain.messages import validate_recipient
 from services.notifier.domain.model import DeliveryStatus, Notification, NotificationKind
 from services.notifier.service_layer.handlers import message_composer
 from services.notifier.service_layer.sender import Sender
+from tests.helpers import free_port
 
 MAIL_FROM = "Course Sign-up <no-reply@course-signup.example>"
 KINDS = list(NotificationKind)
@@ -69,12 +70,6 @@ def _notification(i: int) -> Notification:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _process_cpu_seconds(pid: int) -> float:
     fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -88,17 +83,14 @@ def _own_cpu_seconds() -> float:
 @contextlib.contextmanager
 def aiosmtpd_process() -> Iterator[tuple[int, int]]:
     """A real aiosmtpd in its own process that accepts and discards; yields (port, pid)."""
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "aiosmtpd", "-n", "-u", "-l", f"127.0.0.1:{port}", "-c", "aiosmtpd.handlers.Sink"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 20
-        while True:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
+        while not listening(port):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("aiosmtpd did not start")
             time.sleep(0.05)

@@ -83,10 +83,6 @@ class OutboxRelay:
         self._wake.set()
         self._thread.join(timeout)
 
-    def pending(self) -> int:
-        with self.engine.connect() as conn:
-            return len(conn.execute(select(outbox.c.id).limit(100000)).all())
-
     def _run(self) -> None:
         failures = 0
         while True:

@@ -249,17 +249,6 @@ class Monitor:
         self.samples += 1
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 def scalar(engine: sqlalchemy.Engine, sql: str, **params: Any) -> Any:
     with engine.connect() as conn:
         return conn.execute(sqlalchemy.text(sql), params).scalar_one()

@@ -10,7 +10,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import asyncio
@@ -60,6 +60,19 @@ def kinesalite(path: pathlib.Path | None = None, shard_limit: int = 100_000) -> 
             process.wait(5)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition",
+               interval: float = 0.2) -> Any:
+    """Polls `predicate` until it returns something truthy, which is returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
 
 
 def wait_serving(port: int, timeout: float, check_alive: Callable[[], None]) -> None:

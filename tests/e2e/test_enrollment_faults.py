@@ -27,7 +27,8 @@ from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from libs.db import make_engine
 from libs.kinesis import OutgoingRecord, kinesis_client, put_records
 from tests import faults, helpers
-from tests.faults import Applicant, Monitor, rows, scalar, wait_for
+from tests.faults import Applicant, Monitor, rows, scalar
+from tests.helpers import wait_until as wait_for
 from tests.mesh import running_mesh, smtp_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]

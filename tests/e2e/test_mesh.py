@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,24 +26,13 @@ from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from coursesignup.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 from coursesignup.registration.v1 import registration_pb2, registration_pb2_grpc
 from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
-from tests.helpers import ROOT
+from tests.helpers import ROOT, wait_until
 from tests.mesh import Mesh, RecordingSmtpHandler, running_mesh, smtp_server
 
 pytestmark = pytest.mark.e2e
 
 R = registration_pb2
 FINAL = {R.REGISTRATION_STATUS_ENROLLED, R.REGISTRATION_STATUS_DECLINED_FULL, R.REGISTRATION_STATUS_DECLINED_DUPLICATE}
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, message: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {message}")
-        time.sleep(0.2)
 
 
 def age_on(birth: dt.date, today: dt.date) -> int:
@@ -128,7 +117,7 @@ def test_a_full_course_enrolls_exactly_its_capacity_and_emails_everyone(mesh, st
     ages = [age_on(births[e], today) for e, d in decided.items() if d.status == R.REGISTRATION_STATUS_ENROLLED]
     course_stats = wait_until(
         lambda: (s := stats.GetCourseStats(stats_pb2.GetCourseStatsRequest(course_id="tiny"))).student_count == 3
-        and s, message="course stats to count 3 students",
+        and s, what="course stats to count 3 students",
     )
     assert (course_stats.min_age, course_stats.max_age) == (min(ages), max(ages))
     assert course_stats.average_age == pytest.approx(sum(ages) / 3)
@@ -138,7 +127,7 @@ def test_a_full_course_enrolls_exactly_its_capacity_and_emails_everyone(mesh, st
     def ours() -> list[Any]:
         with smtp.lock:
             return [m for m in smtp.messages if m["To"].addresses[0].addr_spec in births]
-    wait_until(lambda: len(ours()) >= 20, message="20 emails")
+    wait_until(lambda: len(ours()) >= 20, what="20 emails")
     time.sleep(1.0)  # anything beyond 20 would be a duplicate
     assert Counter(m["X-Course-Signup-Kind"] for m in ours()) == {"received": 10, "enrolled": 3, "declined-full": 7}
     per_recipient = Counter(m["To"].addresses[0].addr_spec for m in ours())

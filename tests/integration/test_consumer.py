@@ -15,6 +15,7 @@ from libs.config import CommonSettings
 from libs.db import make_engine
 from libs.envelope import decode_envelope, new_envelope
 from libs.kinesis import OutgoingRecord, ensure_stream, kinesis_client, put_records
+from tests.helpers import wait_until
 
 seen_metadata = MetaData()
 seen = Table("seen", seen_metadata, Column("message_id", String(64), primary_key=True),
@@ -24,15 +25,6 @@ seen = Table("seen", seen_metadata, Column("message_id", String(64), primary_key
 def _envelope_bytes(course_id: str) -> bytes:
     command = events_pb2.RegisterStudent(registration_id=str(uuid.uuid4()), course_id=course_id)
     return new_envelope(command.registration_id, register_student=command).SerializeToString()
-
-
-def _wait(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
 
 
 def test_every_record_is_applied_once_and_poison_goes_to_dead_letters(kinesis_env, database_url):
@@ -59,7 +51,7 @@ def test_every_record_is_applied_once_and_poison_goes_to_dead_letters(kinesis_en
         def count() -> int:
             with engine.connect() as conn:
                 return conn.execute(select(func.count()).select_from(seen)).scalar_one()
-        _wait(lambda: count() == 300)
+        wait_until(lambda: count() == 300)
         with engine.connect() as conn:
             letters = conn.execute(select(consumer_lib.dead_letters)).all()
         assert len(letters) == 1
@@ -74,7 +66,7 @@ def test_every_record_is_applied_once_and_poison_goes_to_dead_letters(kinesis_en
                                          lease_seconds=3, batch_size=50)
     second.start()
     try:
-        _wait(lambda: len(second.held_shards()) == 3)
+        wait_until(lambda: len(second.held_shards()) == 3)
         time.sleep(1.0)
         assert redelivered == []
         assert all(view.checkpoint for view in second.leases())
@@ -135,7 +127,7 @@ def test_a_worker_paused_with_a_batch_in_hand_cannot_commit_it_after_a_takeover(
     first = PausableConsumer(engine=engine, kinesis=pausable, stream_name=stream, handler=handler_of("first"),
                              worker_id="first", lease_seconds=1.0)
     first.start()
-    _wait(lambda: first.held_shards())
+    wait_until(lambda: first.held_shards())
     pausable.armed.set()
     first.paused = True
     assert all(put_records(client, stream, [OutgoingRecord("k", b"%d" % i) for i in range(10)]))
@@ -148,7 +140,7 @@ def test_a_worker_paused_with_a_batch_in_hand_cannot_commit_it_after_a_takeover(
         def counted() -> int:
             with engine.connect() as conn:
                 return conn.execute(select(func.count()).select_from(tally)).scalar_one()
-        _wait(lambda: counted() == 10)
+        wait_until(lambda: counted() == 10)
         pausable.release.set()  # the first worker wakes up and tries to commit its batch
         time.sleep(2.0)
         with engine.connect() as conn:
@@ -229,7 +221,7 @@ def test_throttling_and_expired_iterators_lose_no_position(kinesis_env, database
         def applied() -> list[tuple[str, str]]:
             with engine.connect() as conn:
                 return [tuple(r) for r in conn.execute(select(tally.c.sequence_number, tally.c.worker))]
-        _wait(lambda: {w for _, w in applied()} == {p.decode() for p in payloads}, timeout=60)
+        wait_until(lambda: {w for _, w in applied()} == {p.decode() for p in payloads}, timeout=60)
         time.sleep(0.5)
         rows = applied()
         # Each record once (a throttled put that was retried is a second record: it has its own
@@ -259,10 +251,10 @@ def test_a_new_worker_gets_a_fair_share_within_a_few_lease_periods(kinesis_env, 
     first.start()
     second = make("second")
     try:
-        _wait(lambda: len(first.held_shards()) == 4)
+        wait_until(lambda: len(first.held_shards()) == 4)
         second.start()
         started = time.monotonic()
-        _wait(lambda: len(first.held_shards()) == 2 and len(second.held_shards()) == 2, timeout=20)
+        wait_until(lambda: len(first.held_shards()) == 2 and len(second.held_shards()) == 2, timeout=20)
         assert time.monotonic() - started < 5 * lease_seconds + 2
         owners = Counter(lease.owner for lease in second.leases())
         assert owners == {"first": 2, "second": 2}

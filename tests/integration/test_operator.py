@@ -15,6 +15,7 @@ from libs.config import EnrollmentSettings
 from libs.db import make_engine
 from libs.kinesis import REGISTRATIONS_STREAM, OutgoingRecord, ensure_stream, kinesis_client, put_records
 from tests import helpers
+from tests.helpers import wait_until
 
 applied_metadata = MetaData()
 applied = Table("applied", applied_metadata, Column("data", String(64), primary_key=True))
@@ -41,13 +42,6 @@ def consumer_accepting(engine, stream: str, client, accept_v2: bool) -> consumer
     return worker
 
 
-def wait(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
 def test_operator_shows_leases_and_dead_letters_and_replays_one_after_a_fix(kinesis_env, database_url, monkeypatch):
     monkeypatch.setenv("ENROLLMENT_DATABASE_URL", database_url)
     env = {**os.environ}
@@ -67,7 +61,7 @@ def test_operator_shows_leases_and_dead_letters_and_replays_one_after_a_fix(kine
         records = [OutgoingRecord(f"k{i}", f"v1:{i}".encode()) for i in range(3)]
         records += [OutgoingRecord(f"k{i}", f"v2:{i}".encode()) for i in range(2)]
         assert all(put_records(client, stream, records))
-        wait(lambda: count() == 3 and len(operator("dead-letters", env=env)) == 2)
+        wait_until(lambda: count() == 3 and len(operator("dead-letters", env=env)) == 2)
         leases = operator("leases", env=env)
         assert {lease["owner"] for lease in leases} == {"operator-test"}
         assert all(lease["checkpoint"] for lease in leases if lease["shard_id"] in {
@@ -87,7 +81,7 @@ def test_operator_shows_leases_and_dead_letters_and_replays_one_after_a_fix(kine
     try:
         replayed = operator("replay", *[str(letter["id"]) for letter in letters], env=env)
         assert [r["id"] for r in replayed] == [letter["id"] for letter in letters]
-        wait(lambda: count() == 3 + 4 + 2)
+        wait_until(lambda: count() == 3 + 4 + 2)
         assert operator("dead-letters", env=env) == []
         assert all(letter["replayed_at"] for letter in operator("dead-letters", "--all", env=env))
     finally:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
 from sqlalchemy import Engine
 
 from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
+from libs.proto_time import timestamp
 from services.enrollment.domain.model import Outcome
 from services.enrollment.service_layer import catalogue
 
@@ -24,16 +23,8 @@ _OUTCOMES = {
 }
 
 
-def _timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
-    if value.tzinfo is None:  # SQLite returns naive datetimes; they are stored in UTC
-        value = value.replace(tzinfo=dt.UTC)
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
 def campus_message(row: Any) -> enrollment_pb2.Campus:
-    return enrollment_pb2.Campus(campus_id=row.campus_id, name=row.name, create_time=_timestamp(row.create_time))
+    return enrollment_pb2.Campus(campus_id=row.campus_id, name=row.name, create_time=timestamp(row.create_time))
 
 
 def course_message(row: Any) -> enrollment_pb2.Course:
@@ -43,8 +34,8 @@ def course_message(row: Any) -> enrollment_pb2.Course:
         name=row.name,
         capacity=row.capacity,
         enrolled_count=row.enrolled_count,
-        create_time=_timestamp(row.create_time),
-        update_time=_timestamp(row.update_time),
+        create_time=timestamp(row.create_time),
+        update_time=timestamp(row.update_time),
     )
 
 
@@ -98,5 +89,5 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
             registration_id=row.registration_id,
             course_id=row.course_id,
             outcome=_OUTCOMES[row.outcome],
-            decide_time=_timestamp(row.decide_time),
+            decide_time=timestamp(row.decide_time),
         )

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 
 import grpc
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 
 from coursesignup.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 from libs.errors import InvalidArgument, Unavailable
+from libs.proto_time import timestamp
 from services.notifier.adapters.repository import NotificationStore
 from services.notifier.domain.model import DeliveryStatus, NotificationView
 from services.notifier.entrypoints.stream import KIND_TO_PROTO, MAX_REGISTRATION_ID_CHARS
@@ -26,12 +26,6 @@ _STATUS_TO_PROTO = {
 }
 
 
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
 def _to_proto(view: NotificationView) -> notifier_pb2.Notification:
     message = notifier_pb2.Notification(
         registration_id=view.registration_id,
@@ -40,10 +34,10 @@ def _to_proto(view: NotificationView) -> notifier_pb2.Notification:
         status=_STATUS_TO_PROTO[view.status],
         attempts=view.attempts,
         last_error=view.last_error or "",
-        create_time=_timestamp(view.create_time),
+        create_time=timestamp(view.create_time),
     )
     if view.send_time is not None:
-        message.send_time.CopyFrom(_timestamp(view.send_time))
+        message.send_time.CopyFrom(timestamp(view.send_time))
     return message
 
 
@@ -85,7 +79,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         age = duration_pb2.Duration()
         age.FromMilliseconds(round(queue.oldest_pending_seconds * 1000))
         return notifier_pb2.GetDeliveryStatsResponse(
-            start_time=_timestamp(counters.start_time),
+            start_time=timestamp(counters.start_time),
             sent_since_start=counters.sent,
             failed_since_start=counters.failed,
             retried_since_start=counters.retried,

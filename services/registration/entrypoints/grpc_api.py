@@ -8,7 +8,6 @@ from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
-from google.type import date_pb2
 
 from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from coursesignup.events.v1 import events_pb2
@@ -17,6 +16,7 @@ from libs.envelope import new_envelope
 from libs.errors import InvalidArgument, NotFound, Unavailable
 from libs.kinesis import KinesisUnavailable, RecordBatcher
 from libs.logs import pseudonym
+from libs.proto_time import date_message
 from services.registration.adapters.catalogue import Catalogue
 from services.registration.domain.registration_ids import IdCheck, RegistrationIds
 from services.registration.domain.validation import validate_sign_up
@@ -69,8 +69,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         registration_id = self.ids.issue(sign_up.request_id)
         accepted = timestamp_pb2.Timestamp()
         accepted.GetCurrentTime()
-        birth = date_pb2.Date(year=sign_up.birth_date.year, month=sign_up.birth_date.month,
-                              day=sign_up.birth_date.day)
+        birth = date_message(sign_up.birth_date)
         command = new_envelope(
             registration_id,
             register_student=events_pb2.RegisterStudent(

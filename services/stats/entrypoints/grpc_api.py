@@ -14,13 +14,12 @@ from datetime import UTC, date, datetime
 from typing import TypeAlias
 
 import grpc
-from google.protobuf import timestamp_pb2
-from google.type import date_pb2
 from sqlalchemy import Engine
 
 from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from libs.errors import Validator
 from libs.ids import check_resource_id
+from libs.proto_time import date_message, timestamp
 from services.stats.domain.model import OVERALL_SCOPE, campus_scope, course_scope
 from services.stats.service_layer import queries, views
 
@@ -103,7 +102,7 @@ class StatsServicer(stats_pb2_grpc.StatsServiceServicer):
                 for row in page.items
             ],
             next_page_token=page.next_page_token,
-            as_of=_date_message(page.as_of),
+            as_of=date_message(page.as_of),
         )
 
     async def ListEnrollments(  # noqa: N802 - gRPC method name
@@ -123,13 +122,13 @@ class StatsServicer(stats_pb2_grpc.StatsServiceServicer):
                     name=entry.name,
                     email=entry.email,
                     age=entry.age,
-                    birth_date=_date_message(entry.birth_date),
-                    enroll_time=_timestamp(entry.enroll_time),
+                    birth_date=date_message(entry.birth_date),
+                    enroll_time=timestamp(entry.enroll_time),
                 )
                 for entry in page.items
             ],
             next_page_token=page.next_page_token,
-            as_of=_date_message(page.as_of),
+            as_of=date_message(page.as_of),
         )
 
     async def _age_stats(
@@ -143,7 +142,7 @@ class StatsServicer(stats_pb2_grpc.StatsServiceServicer):
             min_age=metrics.min_age,
             max_age=metrics.max_age,
             average_age=metrics.average_age,
-            as_of=_date_message(as_of),
+            as_of=date_message(as_of),
             median_age=stats.median_age,
             age_histogram=[
                 stats_pb2.AgeBucket(age=age, student_count=count)
@@ -191,11 +190,3 @@ def _as_of(validator: Validator, request: DatedMessage) -> date | None:
         return None
 
 
-def _date_message(day: date) -> date_pb2.Date:
-    return date_pb2.Date(year=day.year, month=day.month, day=day.day)
-
-
-def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
