@@ -30,7 +30,7 @@ from libs.db import make_engine
 from libs.kinesis import OutgoingRecord, ensure_stream, kinesis_client, put_records
 from services.enrollment.adapters.tables import decisions, metadata
 from services.enrollment.service_layer import catalogue
-from services.enrollment.service_layer.deciding import Streams, decide_batch
+from services.enrollment.service_layer.deciding import decide_batch
 from tests import helpers
 from tests.faults import command_bytes, make_applicants
 
@@ -53,13 +53,12 @@ def prepared_engine(url: str, capacities: dict[str, int]) -> Engine:
 
 def time_decider(url: str, capacities: dict[str, int], payloads: list[tuple[str, bytes]], batch: int) -> float:
     engine = prepared_engine(url, capacities)
-    streams = Streams(events="bench-events", notifications="bench-notifications")
     now = dt.datetime.now(dt.UTC)
     records = [StreamRecord("bench", "shardId-0", str(i), key, data, now) for i, (key, data) in enumerate(payloads)]
     started = time.perf_counter()
     for start in range(0, len(records), batch):
         with engine.begin() as conn:
-            decide_batch(conn, records[start:start + batch], streams)
+            decide_batch(conn, records[start:start + batch], "bench-events")
         if (start // batch) % max(1, len(records) // batch // 5) == 0:
             progress(f"batch={batch}", start + batch, len(records))
     elapsed = time.perf_counter() - started

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
 
@@ -14,13 +12,30 @@ class MalformedRecord(ValueError):
     """A stream record that cannot be decoded or lacks its body; it goes to dead letters."""
 
 
-def new_envelope(correlation_id: str, **body: object) -> events_pb2.Envelope:
-    now = timestamp_pb2.Timestamp()
-    now.GetCurrentTime()
-    envelope = events_pb2.Envelope(message_id=str(uuid.uuid4()), time=now, correlation_id=correlation_id)
+def new_envelope(
+    correlation_id: str,
+    *,
+    time: timestamp_pb2.Timestamp | None = None,
+    message_id: str | None = None,
+    **body: object,
+) -> events_pb2.Envelope:
+    """An envelope around one command or event.
+
+    The message id is derived from the correlation id (the registration id) and the body's
+    type, so the same fact produced twice (a batch redone, a relay retried) carries the same
+    id and consumers can tell a copy from a new message. `time` lets a batch share one
+    timestamp instead of reading the clock per message.
+    """
     (field, message), = body.items()
-    getattr(envelope, field).CopyFrom(message)
-    return envelope
+    if time is None:
+        time = timestamp_pb2.Timestamp()
+        time.GetCurrentTime()
+    return events_pb2.Envelope(
+        message_id=message_id or f"{field}:{correlation_id}",
+        time=time,
+        correlation_id=correlation_id,
+        **{field: message},
+    )
 
 
 def decode_envelope(data: bytes) -> events_pb2.Envelope:

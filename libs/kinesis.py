@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 MAX_RECORDS_PER_PUT = 500
 REGISTRATIONS_STREAM = "registrations"
 ENROLLMENT_EVENTS_STREAM = "enrollment-events"
-NOTIFICATIONS_STREAM = "notifications"
 
 
 class KinesisUnavailable(Exception):

@@ -28,22 +28,23 @@ from libs.consumer import dead_letters, metadata, shard_leases
 from libs.db import make_engine
 from libs.kinesis import (
     ENROLLMENT_EVENTS_STREAM,
-    NOTIFICATIONS_STREAM,
     REGISTRATIONS_STREAM,
     OutgoingRecord,
     kinesis_client,
     put_records,
 )
 
-SERVICES: dict[str, tuple[type[CommonSettings], str, str]] = {
-    "enrollment": (EnrollmentSettings, "enrollment_database_url", REGISTRATIONS_STREAM),
-    "stats": (StatsSettings, "stats_database_url", ENROLLMENT_EVENTS_STREAM),
-    "notifier": (NotifierSettings, "notifier_database_url", NOTIFICATIONS_STREAM),
+# Each service's settings, database URL setting, and the streams it consumes.
+SERVICES: dict[str, tuple[type[CommonSettings], str, tuple[str, ...]]] = {
+    "enrollment": (EnrollmentSettings, "enrollment_database_url", (REGISTRATIONS_STREAM,)),
+    "stats": (StatsSettings, "stats_database_url", (ENROLLMENT_EVENTS_STREAM,)),
+    "notifier": (NotifierSettings, "notifier_database_url", (REGISTRATIONS_STREAM, ENROLLMENT_EVENTS_STREAM)),
 }
 
 
 @dataclass
 class LeaseReport:
+    stream: str
     shard_id: str
     parents: str
     owner: str | None
@@ -54,12 +55,12 @@ class LeaseReport:
     lag_seconds: float | None
 
 
-def _target(service: str) -> tuple[CommonSettings, Engine, str]:
-    settings_class, url_field, base = SERVICES[service]
+def _target(service: str) -> tuple[CommonSettings, Engine, list[str]]:
+    settings_class, url_field, bases = SERVICES[service]
     settings = settings_class()
     engine = make_engine(getattr(settings, url_field))
     metadata.create_all(engine)
-    return settings, engine, settings.stream_name(base)
+    return settings, engine, [settings.stream_name(base) for base in bases]
 
 
 def shard_lag_seconds(client: Any, stream: str, shard_id: str, checkpoint: str | None) -> float:
@@ -87,6 +88,7 @@ def lease_report(engine: Engine, client: Any, stream: str) -> list[LeaseReport]:
     for row in rows:
         live = row.owner is not None and row.expires_at > now
         reports.append(LeaseReport(
+            stream=stream,
             shard_id=row.shard_id,
             parents=row.parent_shard_ids,
             owner=row.owner if live else None,
@@ -150,11 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="dead-letters: include replayed ones")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
-    settings, engine, stream = _target(args.service)
+    settings, engine, streams = _target(args.service)
     client = kinesis_client(settings.aws_region)
     try:
         if args.command == "leases":
-            rows: list[dict[str, Any]] = [asdict(r) for r in lease_report(engine, client, stream)]
+            rows: list[dict[str, Any]] = [asdict(r) for stream in streams for r in lease_report(engine, client, stream)]
         elif args.command == "dead-letters":
             rows = list_dead_letters(engine, args.all)
         else:

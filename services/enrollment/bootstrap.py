@@ -18,7 +18,6 @@ from libs.db import ensure_schema, make_engine, wait_for_database
 from libs.grpc_server import ServiceHooks, in_daemon_thread, run_service
 from libs.kinesis import (
     ENROLLMENT_EVENTS_STREAM,
-    NOTIFICATIONS_STREAM,
     REGISTRATIONS_STREAM,
     ensure_stream,
     kinesis_client,
@@ -27,7 +26,7 @@ from libs.kinesis import (
 from services.enrollment.adapters.tables import metadata
 from services.enrollment.entrypoints.grpc_api import SERVICE_NAME, EnrollmentServicer
 from services.enrollment.service_layer.catalogue import seed_demo_catalogue
-from services.enrollment.service_layer.deciding import Streams, decide_batch
+from services.enrollment.service_layer.deciding import decide_batch
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +47,15 @@ class EnrollmentApp:
             log.info("demo catalogue loaded")
         client = kinesis_client(settings.aws_region)
         wait_for_kinesis(client)
-        for base in (REGISTRATIONS_STREAM, ENROLLMENT_EVENTS_STREAM, NOTIFICATIONS_STREAM):
+        for base in (REGISTRATIONS_STREAM, ENROLLMENT_EVENTS_STREAM):
             ensure_stream(client, settings.stream_name(base), settings.kinesis_shard_count)
         self.relay = outbox_lib.OutboxRelay(self.engine, client)
         self.relay.start()
-        streams = Streams(
-            events=settings.stream_name(ENROLLMENT_EVENTS_STREAM),
-            notifications=settings.stream_name(NOTIFICATIONS_STREAM),
-        )
         self.consumer = consumer_lib.StreamConsumer(
             engine=self.engine,
             kinesis=client,
             stream_name=settings.stream_name(REGISTRATIONS_STREAM),
-            handler=functools.partial(decide_batch, streams=streams),
+            handler=functools.partial(decide_batch, stream=settings.stream_name(ENROLLMENT_EVENTS_STREAM)),
             worker_id=settings.worker_id,
             lease_seconds=settings.lease_seconds,
             on_commit=self.relay.wake,

@@ -1,11 +1,12 @@
 """Wires the notifier: settings, database, Kinesis consumer, SMTP pool, sender, gRPC API.
 
 `build_hooks` gives the shared server bootstrap (libs.grpc_server) what it needs:
-start-up creates the tables, waits for Kinesis, makes sure the notifications stream
-exists, starts the sender, the stream consumer and the periodic metrics log line, and
-returns once the consumer holds its leases; shutdown stops the consumer (it finishes
-and checkpoints its batch), lets the sender finish sends in flight briefly, and closes
-SMTP connections.
+start-up creates the tables, waits for Kinesis, makes sure the streams it reads exist
+(`registrations` for the "received" email, `enrollment-events` for the decision
+emails), starts the sender, one stream consumer per stream and the periodic metrics
+log line, and returns once the consumers hold their leases; shutdown stops the
+consumers (each finishes and checkpoints its batch), lets the sender finish sends in
+flight briefly, and closes SMTP connections.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from libs import consumer as consumer_lib
 from libs.config import NotifierSettings
 from libs.db import make_engine, wait_for_database
 from libs.grpc_server import ServiceHooks, in_daemon_thread, run_service
-from libs.kinesis import NOTIFICATIONS_STREAM, ensure_stream, kinesis_client, wait_for_kinesis
+from libs.kinesis import ENROLLMENT_EVENTS_STREAM, REGISTRATIONS_STREAM, ensure_stream, kinesis_client, wait_for_kinesis
 from services.notifier.adapters import repository
 from services.notifier.adapters.repository import NotificationStore
 from services.notifier.adapters.smtp import SmtpMailer
@@ -47,7 +48,7 @@ class Notifier:
         self.settings = settings
         self.engine: Engine | None = None
         self.store: NotificationStore | None = None
-        self.consumer: consumer_lib.StreamConsumer | None = None
+        self.consumers: list[consumer_lib.StreamConsumer] = []
         self.sender: Sender | None = None
         self.mailer: SmtpMailer | None = None
         self._metrics_stop = asyncio.Event()
@@ -79,8 +80,12 @@ class Notifier:
 
         kinesis = kinesis_client(settings.aws_region)
         await in_daemon_thread(wait_for_kinesis, kinesis)
-        stream_name = settings.stream_name(NOTIFICATIONS_STREAM)
-        await in_daemon_thread(ensure_stream, kinesis, stream_name, settings.kinesis_shard_count)
+        streams = {
+            settings.stream_name(REGISTRATIONS_STREAM): stream.handle_registrations,
+            settings.stream_name(ENROLLMENT_EVENTS_STREAM): stream.handle_enrollment_events,
+        }
+        for stream_name in streams:
+            await in_daemon_thread(ensure_stream, kinesis, stream_name, settings.kinesis_shard_count)
 
         self.mailer = SmtpMailer(
             host=settings.smtp_host,
@@ -110,20 +115,22 @@ class Notifier:
             name="notifier-metrics",
         )
 
-        self.consumer = consumer_lib.StreamConsumer(
-            engine=engine,
-            kinesis=kinesis,
-            stream_name=stream_name,
-            handler=stream.handle_batch,
-            worker_id=settings.worker_id,
-            lease_seconds=settings.lease_seconds,
-            on_commit=self.sender.wake_threadsafe,
-        )
-        await asyncio.to_thread(self.consumer.start)
+        for stream_name, handler in streams.items():
+            consumer = consumer_lib.StreamConsumer(
+                engine=engine,
+                kinesis=kinesis,
+                stream_name=stream_name,
+                handler=handler,
+                worker_id=settings.worker_id,
+                lease_seconds=settings.lease_seconds,
+                on_commit=self.sender.wake_threadsafe,
+            )
+            await asyncio.to_thread(consumer.start)
+            self.consumers.append(consumer)
         # Polled rather than waited in a thread, so a shutdown during start-up is not stuck.
-        while not self.consumer.ready.is_set():
+        while not all(consumer.ready.is_set() for consumer in self.consumers):
             await asyncio.sleep(0.05)
-        log.info("notifier started", extra={"stream": stream_name,
+        log.info("notifier started", extra={"streams": list(streams),
                                             "smtp": f"{settings.smtp_host}:{settings.smtp_port}"})
 
     async def _stats_for_log(self) -> metrics.DeliveryStats:
@@ -136,8 +143,8 @@ class Notifier:
         if self._metrics_task is not None:
             with contextlib.suppress(Exception):
                 await self._metrics_task
-        if self.consumer is not None:
-            await asyncio.to_thread(self.consumer.stop)
+        for consumer in self.consumers:
+            await asyncio.to_thread(consumer.stop)
         if self.sender is not None:
             await self.sender.stop(min(SEND_GRACE_SECONDS, self.settings.shutdown_grace_seconds))
         if self.mailer is not None:

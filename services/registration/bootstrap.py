@@ -11,7 +11,6 @@ from coursesignup.registration.v1 import registration_pb2_grpc
 from libs.config import RegistrationSettings
 from libs.grpc_server import ServiceHooks, in_daemon_thread, run_service
 from libs.kinesis import (
-    NOTIFICATIONS_STREAM,
     REGISTRATIONS_STREAM,
     RecordBatcher,
     ensure_stream,
@@ -36,30 +35,25 @@ def build_hooks(settings: RegistrationSettings) -> ServiceHooks:
             catalogue=Catalogue(channel),
             commands=RecordBatcher(client, settings.stream_name(REGISTRATIONS_STREAM), max_wait_seconds=wait,
                                    max_in_flight=settings.register_max_in_flight),
-            notifications=RecordBatcher(client, settings.stream_name(NOTIFICATIONS_STREAM), max_wait_seconds=wait,
-                                        max_in_flight=settings.register_max_in_flight),
         )
         parts["servicer"] = RegistrationServicer(
             RegistrationIds(settings.registration_id_secret),
             parts["catalogue"],
             enrollment_pb2_grpc.EnrollmentServiceStub(channel),
             parts["commands"],
-            parts["notifications"],
         )
         registration_pb2_grpc.add_RegistrationServiceServicer_to_server(parts["servicer"], server)
 
     async def start() -> None:
         await in_daemon_thread(wait_for_kinesis, client)
-        for base in (REGISTRATIONS_STREAM, NOTIFICATIONS_STREAM):
-            await in_daemon_thread(ensure_stream, client, settings.stream_name(base), settings.kinesis_shard_count)
+        await in_daemon_thread(ensure_stream, client, settings.stream_name(REGISTRATIONS_STREAM),
+                               settings.kinesis_shard_count)
         parts["catalogue"].start()
         parts["commands"].start()
-        parts["notifications"].start()
         parts["servicer"].ready = True
 
     async def stop() -> None:
         await parts["commands"].close()
-        await parts["notifications"].close()
         await parts["catalogue"].close()
         await parts["channel"].close()
 

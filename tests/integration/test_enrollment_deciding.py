@@ -19,9 +19,7 @@ from libs.db import make_engine
 from libs.envelope import decode_envelope, new_envelope
 from services.enrollment.adapters.tables import courses, decisions, metadata
 from services.enrollment.service_layer import catalogue
-from services.enrollment.service_layer.deciding import Streams, decide_batch
-
-STREAMS = Streams(events="events", notifications="notifications")
+from services.enrollment.service_layer.deciding import decide_batch
 
 
 @pytest.fixture
@@ -38,7 +36,7 @@ def engine(database_url):
 def command(course_id: str, email: str, registration_id: str | None = None) -> bytes:
     body = events_pb2.RegisterStudent(
         registration_id=registration_id or f"reg_{uuid.uuid4().hex}", course_id=course_id, name="N",
-        email=email, birth_date=date_pb2.Date(year=2000, month=2, day=29), locale="en",
+        email=email, birth_date=date_pb2.Date(year=2000, month=2, day=29), locale="pt-BR", course_name="Small",
     )
     return new_envelope(body.registration_id, register_student=body).SerializeToString()
 
@@ -51,7 +49,7 @@ def records(payloads: list[bytes]) -> list[StreamRecord]:
 
 def decide(engine, payloads: list[bytes]) -> None:
     with engine.begin() as conn:
-        decide_batch(conn, records(payloads), STREAMS)
+        decide_batch(conn, records(payloads), "events")
 
 
 def outcomes(engine) -> Counter[str]:
@@ -65,11 +63,25 @@ def outbox_types(engine) -> Counter[str]:
         return Counter(decode_envelope(data).WhichOneof("body") for data in rows)
 
 
-def test_a_batch_fills_the_course_then_declines_and_writes_events_and_emails(engine):
-    decide(engine, [command("small", f"s{i}@example.com") for i in range(5)])
+def test_a_batch_fills_the_course_then_declines_and_writes_one_event_per_decision(engine):
+    decide(engine, [command("small", f"S{i}@example.com") for i in range(5)])
     assert outcomes(engine) == {"ENROLLED": 2, "DECLINED_FULL": 3}
     assert catalogue.get_course(engine, "small").enrolled_count == 2
-    assert outbox_types(engine) == {"student_enrolled": 2, "registration_declined": 3, "send_notification": 5}
+    assert outbox_types(engine) == {"student_enrolled": 2, "registration_declined": 3}
+
+
+def test_each_event_carries_what_the_decision_email_needs(engine):
+    decide(engine, [command("small", f" S{i}@example.com", f"reg_{i}") for i in range(3)])
+    with engine.connect() as conn:
+        envelopes = [decode_envelope(data) for data in conn.execute(select(outbox_lib.outbox.c.data)).scalars()]
+    for envelope in envelopes:
+        event = getattr(envelope, envelope.WhichOneof("body"))
+        assert (event.contact_email, event.name, event.course_name, event.locale) == (
+            f"S{event.registration_id[-1]}@example.com", "N", "Small", "pt-BR")
+        # The same fact always has the same id, so a copy can be told from a new message.
+        assert envelope.message_id == f"{envelope.WhichOneof('body')}:{event.registration_id}"
+    assert {e.student_enrolled.email for e in envelopes if e.HasField("student_enrolled")} == {
+        "s0@example.com", "s1@example.com"}
 
 
 def test_a_redelivered_batch_changes_nothing(engine):
@@ -79,7 +91,7 @@ def test_a_redelivered_batch_changes_nothing(engine):
     decide(engine, batch[1:])
     assert outcomes(engine) == {"ENROLLED": 2, "DECLINED_FULL": 1}
     assert catalogue.get_course(engine, "small").enrolled_count == 2
-    assert sum(outbox_types(engine).values()) == 6
+    assert sum(outbox_types(engine).values()) == 3
 
 
 def test_the_same_email_in_any_case_is_a_duplicate_across_and_within_batches(engine):
@@ -90,7 +102,7 @@ def test_the_same_email_in_any_case_is_a_duplicate_across_and_within_batches(eng
 
 def test_unknown_courses_are_declined_and_poison_records_are_dead_lettered(engine):
     decide(engine, [command("ghost", "a@example.com"), b"\x00garbage", command("small", "b@example.com"),
-                    new_envelope("x", send_notification=events_pb2.SendNotification()).SerializeToString()])
+                    new_envelope("x", student_enrolled=events_pb2.StudentEnrolled()).SerializeToString()])
     assert outcomes(engine) == {"DECLINED_UNKNOWN_COURSE": 1, "ENROLLED": 1}
     with engine.connect() as conn:
         reasons = conn.execute(select(consumer_lib.dead_letters.c.reason)).scalars().all()

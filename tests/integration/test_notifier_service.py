@@ -36,7 +36,8 @@ from libs.consumer import dead_letters, shard_leases
 from libs.db import make_engine
 from libs.envelope import new_envelope
 from libs.kinesis import (
-    NOTIFICATIONS_STREAM,
+    ENROLLMENT_EVENTS_STREAM,
+    REGISTRATIONS_STREAM,
     OutgoingRecord,
     ensure_stream,
     kinesis_client,
@@ -139,8 +140,13 @@ def smtp_server() -> Iterator[tuple[RecordingHandler, int]]:
 @dataclass
 class RunningNotifier:
     port: int
-    stream: str
+    # The streams it reads, by base name: registrations, enrollment-events.
+    streams: dict[str, str]
     channel: grpc.Channel
+
+    @property
+    def events(self) -> str:
+        return self.streams[ENROLLMENT_EVENTS_STREAM]
 
     @property
     def stub(self) -> notifier_pb2_grpc.NotifierServiceStub:
@@ -173,14 +179,15 @@ def running_notifier(monkeypatch: pytest.MonkeyPatch, database_url: str, smtp_po
     }.items():
         monkeypatch.setenv(key, value)
     settings = NotifierSettings()
-    stream = settings.stream_name(NOTIFICATIONS_STREAM)
+    streams = {base: settings.stream_name(base) for base in (REGISTRATIONS_STREAM, ENROLLMENT_EVENTS_STREAM)}
     try:
         with serve_in_thread(bootstrap.build_hooks(settings)), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield RunningNotifier(port, stream, channel)
+            yield RunningNotifier(port, streams, channel)
     finally:
         # The session's kinesalite has a shard limit shared by the whole suite.
-        with contextlib.suppress(Exception):
-            kinesis_client("us-east-1").delete_stream(StreamName=stream, EnforceConsumerDeletion=True)
+        for stream in streams.values():
+            with contextlib.suppress(Exception):
+                kinesis_client("us-east-1").delete_stream(StreamName=stream, EnforceConsumerDeletion=True)
 
 
 @pytest.fixture
@@ -191,25 +198,69 @@ def notifier(kinesis_env: dict[str, str], database_url: str, smtp_server: tuple[
         yield running
 
 
-def _command(registration_id: str, kind: int, email_address: str, **fields: str) -> events_pb2.SendNotification:
-    return events_pb2.SendNotification(
-        registration_id=registration_id, kind=kind, email=email_address,  # type: ignore[arg-type]
-        name=fields.get("name", "Ana Souza"), course_id=fields.get("course_id", "c-physics"),
-        course_name=fields.get("course_name", "Physics 101"), locale=fields.get("locale", "en"),
-    )
+@dataclass(frozen=True)
+class Fact:
+    """A record that calls for one email: what its producer (registration, enrollment) writes."""
+
+    registration_id: str
+    kind: int
+    email: str
+    locale: str
+    stream: str  # base name
+    body: dict[str, Any]
+
+    def data(self) -> bytes:
+        return new_envelope(self.registration_id, **self.body).SerializeToString()
 
 
-def _publish(stream: str, commands: list[events_pb2.SendNotification | bytes]) -> None:
-    records = []
-    for command in commands:
-        if isinstance(command, bytes):
-            records.append(OutgoingRecord("poison", command))
-            continue
-        data = new_envelope(command.registration_id, send_notification=command).SerializeToString()
-        records.append(OutgoingRecord(command.registration_id, data))
+_DECLINE_REASON = {Kind.NOTIFICATION_KIND_DECLINED_FULL: events_pb2.DECLINE_REASON_FULL,
+                   Kind.NOTIFICATION_KIND_DECLINED_DUPLICATE: events_pb2.DECLINE_REASON_DUPLICATE}
+# The kinds a stream fact calls for today (cancellation and the waitlist have no producer yet).
+STREAM_KINDS = (Kind.NOTIFICATION_KIND_RECEIVED, Kind.NOTIFICATION_KIND_ENROLLED,
+                Kind.NOTIFICATION_KIND_DECLINED_FULL, Kind.NOTIFICATION_KIND_DECLINED_DUPLICATE)
+
+
+def _command(registration_id: str, kind: int, email_address: str, **fields: str) -> Fact:
+    name = fields.get("name", "Ana Souza")
+    course_id = fields.get("course_id", "c-physics")
+    course_name = fields.get("course_name", "Physics 101")
+    locale = fields.get("locale", "en")
+    body: dict[str, Any]
+    if kind == Kind.NOTIFICATION_KIND_RECEIVED:
+        stream = REGISTRATIONS_STREAM
+        body = {"register_student": events_pb2.RegisterStudent(
+            registration_id=registration_id, course_id=course_id, name=name, email=email_address,
+            locale=locale, course_name=course_name)}
+    elif kind == Kind.NOTIFICATION_KIND_ENROLLED:
+        stream = ENROLLMENT_EVENTS_STREAM
+        body = {"student_enrolled": events_pb2.StudentEnrolled(
+            registration_id=registration_id, course_id=course_id, campus_id="sp", name=name,
+            email=email_address.lower(), contact_email=email_address, course_name=course_name, locale=locale)}
+    else:
+        stream = ENROLLMENT_EVENTS_STREAM
+        body = {"registration_declined": events_pb2.RegistrationDeclined(
+            registration_id=registration_id, course_id=course_id, campus_id="sp", reason=_DECLINE_REASON[kind],
+            name=name, contact_email=email_address, course_name=course_name, locale=locale)}
+    return Fact(registration_id, kind, email_address, locale, stream, body)
+
+
+def _publish(notifier: RunningNotifier, facts: list[Fact | bytes], partition_key: str | None = None) -> list[str]:
+    """Puts each fact on its stream (bytes: poison, on enrollment-events); returns sequence numbers."""
     client = kinesis_client("us-east-1")
-    ensure_stream(client, stream, 2)
-    assert all(put_records(client, stream, records))
+    by_stream: dict[str, list[OutgoingRecord]] = {}
+    for fact in facts:
+        if isinstance(fact, bytes):
+            by_stream.setdefault(notifier.events, []).append(OutgoingRecord(partition_key or "poison", fact))
+            continue
+        record = OutgoingRecord(partition_key or fact.registration_id, fact.data())
+        by_stream.setdefault(notifier.streams[fact.stream], []).append(record)
+    sequence_numbers: list[str] = []
+    for stream, records in by_stream.items():
+        ensure_stream(client, stream, 2)
+        published = put_records(client, stream, records)
+        assert all(published)
+        sequence_numbers.extend(str(n) for n in published)
+    return sequence_numbers
 
 
 def _eventually(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
@@ -239,30 +290,25 @@ def test_each_notification_is_emailed_once_even_when_the_command_is_redelivered(
     full = _command(bia, Kind.NOTIFICATION_KIND_DECLINED_FULL, "bia@example.org", name="Bia", locale="pt-BR",
                     course_name="Química")
     duplicate = _command(eve, Kind.NOTIFICATION_KIND_DECLINED_DUPLICATE, "eve@example.net", name=HOSTILE_NAME)
-    data = new_envelope(ana, send_notification=received).SerializeToString()
-    client = kinesis_client("us-east-1")
-    # In one batch: the same record twice, and the same command in a fresh envelope.
-    _publish(notifier.stream, [received, enrolled, full, duplicate, received])
-    assert all(put_records(client, notifier.stream, [OutgoingRecord(ana, data), OutgoingRecord(ana, data)]))
+    # In one batch: the same record twice, and the same fact in a fresh envelope.
+    _publish(notifier, [received, enrolled, full, duplicate, received])
+    _publish(notifier, [received, received], partition_key=ana)
     _eventually(lambda: _settled(notifier, [ana, bia, eve], 4), what="all notifications sent")
 
-    # Later, after they were sent: Kinesis redelivers, a relay republishes. A marker
-    # behind them on the same shard tells when the consumer has read past them.
-    marker = _command(f"{ana}-marker", Kind.NOTIFICATION_KIND_RECEIVED, "marker@example.com")
-    assert all(put_records(client, notifier.stream, [
-        OutgoingRecord(ana, data),
-        OutgoingRecord(ana, new_envelope(ana, send_notification=enrolled).SerializeToString()),
-        OutgoingRecord(ana, new_envelope(ana, send_notification=marker).SerializeToString()),
-    ]))
-    _eventually(lambda: _settled(notifier, [marker.registration_id], 1), what="marker sent")
+    # Later, after they were sent: Kinesis redelivers, a relay republishes. Markers
+    # behind them on the same shards tell when both consumers have read past them.
+    markers = [_command(f"{ana}-marker-{kind}", kind, f"marker{kind}@example.com")
+               for kind in (Kind.NOTIFICATION_KIND_RECEIVED, Kind.NOTIFICATION_KIND_ENROLLED)]
+    _publish(notifier, [received, enrolled, *markers], partition_key=ana)
+    _eventually(lambda: _settled(notifier, [m.registration_id for m in markers], 2), what="markers sent")
     time.sleep(1.2)  # a second email, if any were coming, would be sent within a poll interval
-    assert len(handler.mail_to("marker@example.com")) == 1
+    assert [len(handler.mail_to(m.email)) for m in markers] == [1, 1]
 
     ana_mail = handler.mail_to("ana@example.com")
     assert len(ana_mail) == 2
     subjects = sorted(mail.message["Subject"] for mail in ana_mail)
     assert subjects == ["We received your request for Physics 101", "You are enrolled in Physics 101"]
-    assert len(handler.received) == 5
+    assert len(handler.received) == 6
 
     for mail in handler.received:
         assert len(mail.rcpt_tos) == 1
@@ -304,7 +350,7 @@ def test_refused_or_invalid_recipients_fail_at_once_while_busy_or_closing_server
     handler.defer_first["closing@example.com"] = ["421 4.3.2 Service shutting down, closing channel"]
     handler.defer_data_first["closing-data@example.com"] = ["421 4.4.5 Too busy, closing channel"]
     gone, invalid, busy, closing, closing_data, fine = (f"reg-{uuid.uuid4().hex[:10]}" for _ in range(6))
-    _publish(notifier.stream, [
+    _publish(notifier, [
         _command(gone, Kind.NOTIFICATION_KIND_ENROLLED, "gone@example.com"),
         _command(invalid, Kind.NOTIFICATION_KIND_ENROLLED, "not-an-address"),
         _command(busy, Kind.NOTIFICATION_KIND_ENROLLED, "busy@example.com"),
@@ -384,18 +430,6 @@ def test_listing_without_a_valid_registration_id_is_invalid_argument_naming_the_
         assert [v.field for v in violations] == ["registration_id"]
 
 
-def _publish_on_one_shard(stream: str, commands: list[events_pb2.SendNotification]) -> list[str]:
-    """Publishes with one partition key, so every record lands on one shard; returns sequence numbers."""
-    client = kinesis_client("us-east-1")
-    ensure_stream(client, stream, 2)
-    sequence_numbers = put_records(client, stream, [
-        OutgoingRecord("one-shard", new_envelope(c.registration_id, send_notification=c).SerializeToString())
-        for c in commands
-    ])
-    assert all(sequence_numbers)
-    return [str(n) for n in sequence_numbers]
-
-
 def _checkpoints(database_url: str, stream: str) -> set[str]:
     engine = make_engine(database_url)
     try:
@@ -419,13 +453,13 @@ def test_a_hanging_server_times_out_each_send_while_the_checkpoint_moves_on_and_
              for i in range(20)]
     with running_notifier(monkeypatch, database_url, smtp_port, SMTP_TIMEOUT_SECONDS="0.5",
                           NOTIFIER_MAX_ATTEMPTS="50", NOTIFIER_RETRY_MAX_SECONDS="0.4") as notifier:
-        _publish_on_one_shard(notifier.stream, first)
+        _publish(notifier, list(first), partition_key="one-shard")
         _eventually(lambda: handler.hung >= 1, what="a send stuck in DATA")
 
         # SMTP hangs; the consumer keeps recording commands and checkpointing past them.
-        last_sequence = _publish_on_one_shard(notifier.stream, later)[-1]
+        last_sequence = _publish(notifier, list(later), partition_key="one-shard")[-1]
         everyone = [c.registration_id for c in first + later]
-        _eventually(lambda: last_sequence in _checkpoints(database_url, notifier.stream), timeout=10,
+        _eventually(lambda: last_sequence in _checkpoints(database_url, notifier.events), timeout=10,
                     what="checkpoint at the last record")
         assert all(len(notifier.notifications(rid)) == 1 for rid in everyone)
         assert handler.hanging and handler.received == []
@@ -465,7 +499,7 @@ def test_a_server_that_is_down_is_retried_with_backoff_then_recorded_as_failed(
     with running_notifier(monkeypatch, database_url, refusing_port, NOTIFIER_MAX_ATTEMPTS="3",
                           NOTIFIER_RETRY_BASE_SECONDS="0.4") as notifier:
         published = time.monotonic()
-        _publish(notifier.stream, [_command(rid, Kind.NOTIFICATION_KIND_RECEIVED, f"{rid}@example.com")
+        _publish(notifier, [_command(rid, Kind.NOTIFICATION_KIND_RECEIVED, f"{rid}@example.com")
                                    for rid in registration_ids])
         _eventually(lambda: _settled(notifier, registration_ids, 3), what="all recorded")
         elapsed = time.monotonic() - published
@@ -487,12 +521,11 @@ def test_every_kind_in_both_locales_reaches_the_server_well_formed_with_hostile_
     commands = [
         _command(f"reg-{uuid.uuid4().hex[:10]}", kind, f"{locale.lower()}-{kind}@example.com", locale=locale,
                  name=HOSTILE_NAME, course_name='Math\r\nCc: other@evil.test\n"quoted" <b>bold</b>')
-        for kind in Kind.values() if kind != Kind.NOTIFICATION_KIND_UNSPECIFIED
+        for kind in STREAM_KINDS
         for locale in ("en", "pt-BR")
     ]
-    assert len(commands) == 14
-    _publish(notifier.stream, list(commands))
-    _eventually(lambda: _settled(notifier, [c.registration_id for c in commands], 14), what="all sent")
+    _publish(notifier, list(commands))
+    _eventually(lambda: _settled(notifier, [c.registration_id for c in commands], 8), what="all sent")
 
     subjects = set()
     for command in commands:
@@ -511,7 +544,7 @@ def test_every_kind_in_both_locales_reaches_the_server_well_formed_with_hostile_
         html = message.get_body(("html",)).get_content()
         assert ("Olá Eve" if command.locale == "pt-BR" else "Hello Eve") in text
         assert "<script>" not in html and "&lt;script&gt;" in html and "&lt;b&gt;bold" in html
-    assert len(subjects) == 14
+    assert len(subjects) == 8
     assert "attacker@evil.test" not in "".join(handler.rcpt_attempts)
     assert not any("evil.test" in address for mail in handler.received for address in mail.rcpt_tos)
 
@@ -526,7 +559,7 @@ def test_a_metrics_line_is_logged_periodically_as_json_and_no_log_line_holds_an_
     caplog.set_level(logging.INFO, logger="services.notifier")
     sent, gone = (f"reg-{uuid.uuid4().hex[:10]}" for _ in range(2))
     with running_notifier(monkeypatch, database_url, smtp_port, NOTIFIER_METRICS_LOG_SECONDS="0.2") as notifier:
-        _publish(notifier.stream, [_command(sent, Kind.NOTIFICATION_KIND_ENROLLED, "ana@example.com"),
+        _publish(notifier, [_command(sent, Kind.NOTIFICATION_KIND_ENROLLED, "ana@example.com"),
                                    _command(gone, Kind.NOTIFICATION_KIND_ENROLLED, "gone@example.com")])
         _eventually(lambda: _settled(notifier, [sent, gone], 2), what="both settled")
 

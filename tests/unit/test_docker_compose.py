@@ -30,7 +30,7 @@ from libs.config import (
     RegistrationSettings,
     StatsSettings,
 )
-from libs.kinesis import ENROLLMENT_EVENTS_STREAM, NOTIFICATIONS_STREAM, REGISTRATIONS_STREAM
+from libs.kinesis import ENROLLMENT_EVENTS_STREAM, REGISTRATIONS_STREAM
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -80,7 +80,7 @@ DATABASE_SETTING = {
     "notifier": "NOTIFIER_DATABASE_URL",
 }
 # Every stream the mesh creates; the emulator must allow all their shards.
-STREAMS = (REGISTRATIONS_STREAM, ENROLLMENT_EVENTS_STREAM, NOTIFICATIONS_STREAM)
+STREAMS = (REGISTRATIONS_STREAM, ENROLLMENT_EVENTS_STREAM)
 KINESALITE_DEFAULT_PORT = 4567
 KINESALITE_DEFAULT_SHARD_LIMIT = 10
 MAILPIT_SMTP_PORT = 1025

@@ -3,7 +3,8 @@
 The whole batch is read and written with a handful of set-based statements: existing
 decisions (redeliveries are skipped), the courses and their current enrollees, then
 bulk inserts of decisions and enrollments, one conditional seat-count update per
-course, and the outbox rows for events and notification commands. If a course's
+course, and one outbox row per decision: the event, which carries what the notifier's
+email needs too (each fact is written once; stats and the notifier both read it). If a course's
 conditional update finds fewer seats than expected (capacity lowered meanwhile) the
 transaction fails and the consumer retries the batch from its checkpoint.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
 from google.type import date_pb2
@@ -32,21 +32,10 @@ _DECLINE_REASON = {
     Outcome.DECLINED_DUPLICATE: events_pb2.DECLINE_REASON_DUPLICATE,
     Outcome.DECLINED_UNKNOWN_COURSE: events_pb2.DECLINE_REASON_UNKNOWN_COURSE,
 }
-_NOTIFICATION_KIND = {
-    Outcome.ENROLLED: events_pb2.NOTIFICATION_KIND_ENROLLED,
-    Outcome.DECLINED_FULL: events_pb2.NOTIFICATION_KIND_DECLINED_FULL,
-    Outcome.DECLINED_DUPLICATE: events_pb2.NOTIFICATION_KIND_DECLINED_DUPLICATE,
-}
 
 
 class SeatsChanged(Exception):
     """A course's seat count changed under the batch; the batch is retried."""
-
-
-@dataclass(frozen=True)
-class Streams:
-    events: str
-    notifications: str
 
 
 def _to_date(value: date_pb2.Date) -> dt.date:
@@ -67,7 +56,8 @@ def _validate(command: events_pb2.RegisterStudent) -> str | None:
     return None
 
 
-def decide_batch(conn: Connection, records: list[StreamRecord], streams: Streams) -> None:
+def decide_batch(conn: Connection, records: list[StreamRecord], stream: str) -> None:
+    """Decides the batch's sign-ups; `stream` is where their events go (enrollment-events)."""
     commands: list[tuple[StreamRecord, events_pb2.RegisterStudent]] = []
     for record, envelope in decode_or_dead_letter(conn, records, decode_envelope):
         if envelope.WhichOneof("body") != "register_student":
@@ -128,6 +118,8 @@ def decide_batch(conn: Connection, records: list[StreamRecord], streams: Streams
             }
         )
         campus_id = course.campus_id if course else ""
+        course_name = course.name if course else ""
+        contact_email = command.email.strip()
         if outcome is Outcome.ENROLLED:
             assert course is not None
             seats_taken[course.course_id] = seats_taken.get(course.course_id, 0) + 1
@@ -143,6 +135,7 @@ def decide_batch(conn: Connection, records: list[StreamRecord], streams: Streams
             )
             event = new_envelope(
                 command.registration_id,
+                time=timestamp,
                 student_enrolled=events_pb2.StudentEnrolled(
                     registration_id=command.registration_id,
                     course_id=command.course_id,
@@ -151,35 +144,29 @@ def decide_batch(conn: Connection, records: list[StreamRecord], streams: Streams
                     email=email,
                     birth_date=command.birth_date,
                     enroll_time=timestamp,
+                    contact_email=contact_email,
+                    course_name=course_name,
+                    locale=command.locale,
                 ),
             )
         else:
             event = new_envelope(
                 command.registration_id,
+                time=timestamp,
                 registration_declined=events_pb2.RegistrationDeclined(
                     registration_id=command.registration_id,
                     course_id=command.course_id,
                     campus_id=campus_id,
                     reason=_DECLINE_REASON[outcome],
                     decide_time=timestamp,
-                ),
-            )
-        outbox_rows.append((streams.events, command.course_id, event.SerializeToString()))
-        kind = _NOTIFICATION_KIND.get(outcome)
-        if kind is not None:
-            notification = new_envelope(
-                command.registration_id,
-                send_notification=events_pb2.SendNotification(
-                    registration_id=command.registration_id,
-                    kind=kind,
-                    email=command.email.strip(),
                     name=command.name,
-                    course_id=command.course_id,
-                    course_name=course.name if course else "",
+                    contact_email=contact_email,
+                    course_name=course_name,
                     locale=command.locale,
                 ),
             )
-            outbox_rows.append((streams.notifications, command.registration_id, notification.SerializeToString()))
+        # One event per decision: stats projects it and the notifier emails it.
+        outbox_rows.append((stream, command.course_id, event.SerializeToString()))
 
     if new_decisions:
         conn.execute(insert(decisions), new_decisions)

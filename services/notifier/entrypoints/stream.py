@@ -1,8 +1,13 @@
-"""The notifications stream entrypoint: the StreamConsumer's batch handler.
+"""The stream entrypoints: which facts call for an email, as the StreamConsumers' batch handlers.
 
-Runs inside the consumer's checkpoint transaction: decodes each record's
-SendNotification (undecodable or incomplete records go to dead letters) and records
-the notifications. It never talks to SMTP, so the checkpoint never waits for email.
+The notifier is a second consumer application of two streams that other services
+already read (a standard Kinesis fan-out, with its own leases and checkpoints):
+`registrations` (RegisterStudent: the "received" email) and `enrollment-events` (the
+decision: enrolled, class full, already enrolled). Each fact is written once, by its
+producer, and no email depends on a second record. The handlers run inside the
+consumer's checkpoint transaction and only record notifications; they never talk to
+SMTP, so the checkpoint never waits for email. Undecodable or incomplete records go to
+dead letters.
 """
 
 from __future__ import annotations
@@ -26,6 +31,14 @@ KIND_FROM_PROTO = {
 }
 KIND_TO_PROTO = {kind: proto for proto, kind in KIND_FROM_PROTO.items()}
 
+_DECLINED_KIND = {
+    events_pb2.DECLINE_REASON_FULL: NotificationKind.DECLINED_FULL,
+    events_pb2.DECLINE_REASON_DUPLICATE: NotificationKind.DECLINED_DUPLICATE,
+    # An unknown course gets no email: Register refuses unknown courses, so this is only
+    # a course deleted between acceptance and decision.
+    events_pb2.DECLINE_REASON_UNKNOWN_COURSE: None,
+}
+
 # Column sizes of the notifications table.
 MAX_REGISTRATION_ID_CHARS = 256
 MAX_EMAIL_CHARS = 320
@@ -33,40 +46,72 @@ MAX_COURSE_ID_CHARS = 128
 MAX_LOCALE_CHARS = 16
 
 
-def decode_send_notification(data: bytes) -> Notification:
-    """The notification a record asks for; MalformedRecord (a ValueError) if it cannot be sent."""
+def received_notification(data: bytes) -> Notification:
+    """The "received" email a registrations record calls for; MalformedRecord if it cannot be sent."""
     envelope = decode_envelope(data)
     body = envelope.WhichOneof("body")
-    if body != "send_notification":
-        raise MalformedRecord(f"unexpected {body} on the notifications stream")
-    command = envelope.send_notification
-    kind = KIND_FROM_PROTO.get(command.kind)
-    if kind is None:
-        raise MalformedRecord(f"SendNotification with unknown kind {command.kind}")
+    if body != "register_student":
+        raise MalformedRecord(f"unexpected {body} on the registrations stream")
+    command = envelope.register_student
+    return _notification(NotificationKind.RECEIVED, body, command.registration_id, command.email, command.name,
+                         command.course_id, command.course_name, command.locale)
+
+
+def decision_notification(data: bytes) -> Notification | None:
+    """The email an enrollment-events record calls for (None: no email); MalformedRecord if it cannot be sent."""
+    envelope = decode_envelope(data)
+    body = envelope.WhichOneof("body")
+    if body == "student_enrolled":
+        event = envelope.student_enrolled
+        return _notification(NotificationKind.ENROLLED, body, event.registration_id,
+                             event.contact_email or event.email, event.name, event.course_id, event.course_name,
+                             event.locale)
+    if body == "registration_declined":
+        declined = envelope.registration_declined
+        if declined.reason not in _DECLINED_KIND:
+            raise MalformedRecord(f"registration_declined with unknown reason {declined.reason}")
+        kind = _DECLINED_KIND[declined.reason]
+        if kind is None:
+            return None
+        return _notification(kind, body, declined.registration_id, declined.contact_email, declined.name,
+                             declined.course_id, declined.course_name, declined.locale)
+    raise MalformedRecord(f"unexpected {body} on the enrollment-events stream")
+
+
+def _notification(kind: NotificationKind, body: str, registration_id: str, email: str, name: str, course_id: str,
+                  course_name: str, locale: str) -> Notification:
     return Notification(
-        registration_id=_identifier(command.registration_id, "registration_id", MAX_REGISTRATION_ID_CHARS),
+        registration_id=_identifier(registration_id, body, "registration_id", MAX_REGISTRATION_ID_CHARS),
         kind=kind,
-        recipient=_identifier(command.email, "email", MAX_EMAIL_CHARS),
+        recipient=_identifier(email, body, "contact_email" if body != "register_student" else "email",
+                              MAX_EMAIL_CHARS),
         # Free text is kept, minus NUL, which PostgreSQL text cannot hold.
-        locale=command.locale.replace("\x00", "")[:MAX_LOCALE_CHARS],
-        name=command.name.replace("\x00", ""),
-        course_id=_identifier(command.course_id, "course_id", MAX_COURSE_ID_CHARS, required=False),
-        course_name=command.course_name.replace("\x00", ""),
+        locale=locale.replace("\x00", "")[:MAX_LOCALE_CHARS],
+        name=name.replace("\x00", ""),
+        course_id=_identifier(course_id, body, "course_id", MAX_COURSE_ID_CHARS, required=False),
+        course_name=course_name.replace("\x00", ""),
     )
 
 
-def _identifier(value: str, field: str, max_chars: int, required: bool = True) -> str:
+def _identifier(value: str, body: str, field: str, max_chars: int, required: bool = True) -> str:
     # A value the table cannot hold would fail the whole batch on every redelivery:
     # such a record is malformed and goes to dead letters instead.
     if required and not value:
-        raise MalformedRecord(f"SendNotification without {field}")
+        raise MalformedRecord(f"{body} without {field}")
     if len(value) > max_chars:
-        raise MalformedRecord(f"SendNotification {field} longer than {max_chars} characters")
+        raise MalformedRecord(f"{body} {field} longer than {max_chars} characters")
     if "\x00" in value:
-        raise MalformedRecord(f"SendNotification {field} contains NUL")
+        raise MalformedRecord(f"{body} {field} contains NUL")
     return value
 
 
-def handle_batch(conn: Connection, records: list[StreamRecord]) -> None:
-    decoded = decode_or_dead_letter(conn, records, decode_send_notification)
-    handlers.record_notifications(conn, [notification for _, notification in decoded])
+def handle_registrations(conn: Connection, records: list[StreamRecord]) -> None:
+    _record(conn, decode_or_dead_letter(conn, records, received_notification))
+
+
+def handle_enrollment_events(conn: Connection, records: list[StreamRecord]) -> None:
+    _record(conn, decode_or_dead_letter(conn, records, decision_notification))
+
+
+def _record(conn: Connection, decoded: list[tuple[StreamRecord, Notification | None]]) -> None:
+    handlers.record_notifications(conn, [notification for _, notification in decoded if notification is not None])

@@ -15,7 +15,6 @@ from coursesignup.registration.v1 import registration_pb2, registration_pb2_grpc
 from libs.envelope import new_envelope
 from libs.errors import InvalidArgument, NotFound, Unavailable
 from libs.kinesis import KinesisUnavailable, RecordBatcher
-from libs.logs import pseudonym
 from libs.proto_time import date_message
 from services.registration.adapters.catalogue import Catalogue
 from services.registration.domain.registration_ids import IdCheck, RegistrationIds
@@ -41,13 +40,11 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         catalogue: Catalogue,
         enrollment: enrollment_pb2_grpc.EnrollmentServiceStub,
         commands: RecordBatcher,
-        notifications: RecordBatcher,
     ) -> None:
         self.ids = ids
         self.catalogue = catalogue
         self.enrollment = enrollment
         self.commands = commands
-        self.notifications = notifications
         self.ready = False
 
     async def Register(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -72,6 +69,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         birth = date_message(sign_up.birth_date)
         command = new_envelope(
             registration_id,
+            time=accepted,
             register_student=events_pb2.RegisterStudent(
                 registration_id=registration_id,
                 course_id=sign_up.course_id,
@@ -80,30 +78,15 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
                 birth_date=birth,
                 locale=sign_up.locale,
                 accept_time=accepted,
-            ),
-        )
-        received = new_envelope(
-            registration_id,
-            send_notification=events_pb2.SendNotification(
-                registration_id=registration_id,
-                kind=events_pb2.NOTIFICATION_KIND_RECEIVED,
-                email=sign_up.email,
-                name=sign_up.name,
-                course_id=sign_up.course_id,
                 course_name=course.name,
-                locale=sign_up.locale,
             ),
         )
+        # One record per sign-up: enrollment decides it, and the notifier reads the same
+        # record for the "received" email (two consumer applications of one stream).
         try:
             await self.commands.put(command.SerializeToString(), sign_up.course_id)
         except (KinesisUnavailable, TimeoutError) as error:
             raise Unavailable("the registration queue is unavailable; retry with the same request_id") from error
-        try:
-            await self.notifications.put(received.SerializeToString(), registration_id)
-        except (KinesisUnavailable, TimeoutError):
-            # The sign-up itself is queued; only the courtesy email is lost, and logged.
-            log.error("request-received notification not queued",
-                      extra={"registration_id": registration_id, "student": pseudonym(sign_up.email)})
         log.debug("registration queued", extra={"registration_id": registration_id, "course_id": sign_up.course_id})
         return registration_pb2.RegisterResponse(
             registration_id=registration_id, status=registration_pb2.REGISTRATION_STATUS_PENDING
