@@ -34,7 +34,7 @@ def new_envelope(
         message_id=message_id or f"{field}:{correlation_id}",
         time=time,
         correlation_id=correlation_id,
-        **{field: message},
+        **{field: message},  # type: ignore[arg-type]
     )
 
 
