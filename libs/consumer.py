@@ -8,8 +8,10 @@ is a fencing token, so a worker that was paused or partitioned past its expiry a
 lost the shard cannot commit. Leases are renewed by a heartbeat thread, taken over
 after expiry, and balanced: a worker holding less than its fair share takes free
 shards, then one shard from the busiest worker. Parent shards are finished before
-their children (found by ParentShardId in ListShards). Records that cannot be decoded
-go to the dead_letters table with the reason, in the same transaction.
+their children (found by ParentShardId in ListShards). Each held shard has its own
+reader thread, so a slow read or commit on one shard does not hold up the others.
+Records that cannot be decoded go to the dead_letters table with the reason, in the
+same transaction.
 """
 
 from __future__ import annotations
@@ -198,22 +200,27 @@ class StreamConsumer:
         self._held: dict[str, int] = {}
         self._states: dict[str, _ShardState] = {}
         self._threads: list[threading.Thread] = []
+        # One reader per held shard (as KCL's ShardConsumer): a slow GetRecords or commit on
+        # one shard does not stall the others, and their network waits overlap.
+        self._shard_threads: dict[str, threading.Thread] = {}
         self._last_shard_refresh = 0.0
 
     # lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
         metadata.create_all(self.engine)
-        for target, name in ((self._keep_leases, "leases"), (self._process, "process")):
-            thread = threading.Thread(target=target, name=f"{self.stream_name}-{name}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        thread = threading.Thread(target=self._keep_leases, name=f"{self.stream_name}-leases", daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finishes the batch in progress, then hands the leases back for others to take."""
+        """Finishes the batches in progress, then hands the leases back for others to take."""
         self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            readers = list(self._shard_threads.values())
+        for thread in [*self._threads, *readers]:
+            thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             held = dict(self._held)
             self._held.clear()
@@ -376,9 +383,14 @@ class StreamConsumer:
             )
         if taken.rowcount != 1:
             return False
+        counter = row.lease_counter + 1
+        reader = threading.Thread(target=self._consume_shard, args=(row.shard_id, counter),
+                                  name=f"{self.stream_name}-{row.shard_id}", daemon=True)
         with self._lock:
-            self._held[row.shard_id] = row.lease_counter + 1
-            self._states[row.shard_id] = _ShardState(lease_counter=row.lease_counter + 1, checkpoint=row.checkpoint)
+            self._held[row.shard_id] = counter
+            self._states[row.shard_id] = _ShardState(lease_counter=counter, checkpoint=row.checkpoint)
+            self._shard_threads[row.shard_id] = reader
+        reader.start()
         log.info("lease taken", extra={"stream": self.stream_name, "shard": row.shard_id,
                                        "lease_counter": row.lease_counter + 1})
         return True
@@ -403,38 +415,52 @@ class StreamConsumer:
             log.warning("ended the batch of a worker stuck past its lease",
                         extra={"stream": self.stream_name, "owner": owner, "connections": ended})
 
-    def _forget(self, shard_id: str) -> None:
+    def _forget(self, shard_id: str, counter: int | None = None) -> None:
+        """Drops a shard; with `counter`, only if it is still held under that lease."""
         with self._lock:
+            if counter is not None and self._held.get(shard_id) != counter:
+                return
             self._held.pop(shard_id, None)
             self._states.pop(shard_id, None)
 
     # processing ------------------------------------------------------------------
 
-    def _process(self) -> None:
+    def _consume_shard(self, shard_id: str, counter: int) -> None:
+        """Reads one shard for as long as this worker holds it under `counter`."""
+        try:
+            self._read_while_held(shard_id, counter)
+        finally:
+            with self._lock:
+                if self._shard_threads.get(shard_id) is threading.current_thread():
+                    del self._shard_threads[shard_id]
+
+    def _read_while_held(self, shard_id: str, counter: int) -> None:
         while not self._stop.is_set():
+            state = self._states.get(shard_id)
+            if state is None or state.lease_counter != counter:
+                return  # lost, finished or handed back: a new lease gets a new reader
+            wait = state.not_before - time.monotonic()
+            if wait > 0:
+                self._stop.wait(wait)
+                continue
             progressed = False
-            for shard_id, counter in self.held_shards().items():
-                if self._stop.is_set():
-                    break
-                state = self._states.get(shard_id)
-                if state is None or state.lease_counter != counter or state.not_before > time.monotonic():
-                    continue
-                try:
-                    progressed |= self._poll_shard(shard_id, state)
-                    state.failures = 0
-                except LeaseLost:
-                    log.info("lease lost at commit; batch rolled back",
-                             extra={"stream": self.stream_name, "shard": shard_id})
-                    self._forget(shard_id)
-                except Exception as error:  # noqa: BLE001 - keep consuming other shards, retry this one
-                    state.failures += 1
-                    state.iterator = None  # restart from the last committed checkpoint
-                    delay = min(10.0, 0.2 * 2**state.failures) * random.uniform(0.5, 1.0)
-                    state.not_before = time.monotonic() + delay
-                    log.warning("shard poll failed; will retry from checkpoint",
-                                extra={"stream": self.stream_name, "shard": shard_id,
-                                       "error": f"{type(error).__name__}: {str(error)[:300]}",
-                                       "retry_in_seconds": round(delay, 2)})
+            try:
+                progressed = self._poll_shard(shard_id, state)
+                state.failures = 0
+            except LeaseLost:
+                log.info("lease lost at commit; batch rolled back",
+                         extra={"stream": self.stream_name, "shard": shard_id})
+                self._forget(shard_id, counter)
+                return
+            except Exception as error:  # noqa: BLE001 - retry this shard from its checkpoint
+                state.failures += 1
+                state.iterator = None  # restart from the last committed checkpoint
+                delay = min(10.0, 0.2 * 2**state.failures) * random.uniform(0.5, 1.0)
+                state.not_before = time.monotonic() + delay
+                log.warning("shard poll failed; will retry from checkpoint",
+                            extra={"stream": self.stream_name, "shard": shard_id,
+                                   "error": f"{type(error).__name__}: {str(error)[:300]}",
+                                   "retry_in_seconds": round(delay, 2)})
             if not progressed:
                 self._stop.wait(self.idle_sleep)
 

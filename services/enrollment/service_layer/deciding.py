@@ -1,26 +1,33 @@
 """Decides a batch of RegisterStudent commands inside the consumer's checkpoint transaction.
 
-The whole batch is read and written with a handful of set-based statements: existing
-decisions (redeliveries are skipped), the courses and their current enrollees, then
-bulk inserts of decisions and enrollments, one conditional seat-count update per
-course, and one outbox row per decision: the event, which carries what the notifier's
-email needs too (each fact is written once; stats and the notifier both read it). If a course's
-conditional update finds fewer seats than expected (capacity lowered meanwhile) the
-transaction fails and the consumer retries the batch from its checkpoint.
+The batch goes through four jobs: parse (what does not decode or validate goes to dead
+letters), load (decisions already made, the courses and their enrollees among the
+batch's emails), decide (the pure capacity rule in `domain.model`, in stream order) and
+write: bulk inserts of decisions and enrollments, one executemany of conditional
+seat-count updates, and one outbox row per decision: the event, which carries what the
+notifier's email needs too (each fact is written once; stats and the notifier both
+read it). If a course's conditional update finds fewer seats than expected (capacity
+lowered meanwhile) the transaction fails and the consumer retries the batch from its
+checkpoint.
+
+Every statement is built once at import with bound parameters (expanding IN lists),
+so a batch costs SQLAlchemy a cache lookup per statement, not a compilation: measured,
+compiling per batch was a third of the worker's CPU.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
 from google.type import date_pb2
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from coursesignup.events.v1 import events_pb2
-from libs.consumer import StreamRecord, decode_or_dead_letter, record_dead_letter
-from libs.envelope import decode_envelope, new_envelope
+from libs.consumer import StreamRecord, decode_or_dead_letter
+from libs.envelope import MalformedRecord, decode_envelope, new_envelope
 from libs.outbox import enqueue
 from services.enrollment.adapters.tables import courses, decisions, enrollments
 from services.enrollment.domain.model import CourseSeats, Outcome, normalize_email
@@ -33,153 +40,179 @@ _DECLINE_REASON = {
     Outcome.DECLINED_UNKNOWN_COURSE: events_pb2.DECLINE_REASON_UNKNOWN_COURSE,
 }
 
+_DECIDED = select(decisions.c.registration_id).where(
+    decisions.c.registration_id.in_(bindparam("ids", expanding=True)))
+_COURSES = select(courses.c.course_id, courses.c.campus_id, courses.c.name, courses.c.capacity,
+                  courses.c.enrolled_count).where(courses.c.course_id.in_(bindparam("ids", expanding=True)))
+_ENROLLED = select(enrollments.c.course_id, enrollments.c.email).where(
+    enrollments.c.course_id.in_(bindparam("courses", expanding=True)),
+    enrollments.c.email.in_(bindparam("emails", expanding=True)))
+_INSERT_DECISIONS = insert(decisions)
+_INSERT_ENROLLMENTS = insert(enrollments)
+_TAKE_SEATS = (
+    update(courses)
+    .where(courses.c.course_id == bindparam("b_course"),
+           courses.c.enrolled_count + bindparam("b_taken") <= courses.c.capacity)
+    .values(enrolled_count=courses.c.enrolled_count + bindparam("b_taken"))
+)
+
 
 class SeatsChanged(Exception):
     """A course's seat count changed under the batch; the batch is retried."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One sign-up decided: what is written and what the event says."""
+
+    record: StreamRecord
+    command: events_pb2.RegisterStudent
+    email: str
+    outcome: Outcome
+    course: CourseSeats | None
 
 
 def _to_date(value: date_pb2.Date) -> dt.date:
     return dt.date(value.year, value.month, value.day)
 
 
-def _validate(command: events_pb2.RegisterStudent) -> str | None:
+def parse_command(data: bytes) -> events_pb2.RegisterStudent:
+    """The RegisterStudent a record carries; MalformedRecord (to dead letters) otherwise."""
+    envelope = decode_envelope(data)
+    body = envelope.WhichOneof("body")
+    if body != "register_student":
+        raise MalformedRecord(f"unexpected message type {body}")
+    command = envelope.register_student
     if not command.registration_id:
-        return "RegisterStudent without registration_id"
+        raise MalformedRecord("RegisterStudent without registration_id")
     if not command.course_id:
-        return "RegisterStudent without course_id"
+        raise MalformedRecord("RegisterStudent without course_id")
     if "@" not in command.email:
-        return "RegisterStudent without a valid email"
+        raise MalformedRecord("RegisterStudent without a valid email")
     try:
         _to_date(command.birth_date)
     except ValueError:
-        return "RegisterStudent with an invalid birth_date"
-    return None
+        raise MalformedRecord("RegisterStudent with an invalid birth_date") from None
+    return command
 
 
-def decide_batch(conn: Connection, records: list[StreamRecord], stream: str) -> None:
-    """Decides the batch's sign-ups; `stream` is where their events go (enrollment-events)."""
-    commands: list[tuple[StreamRecord, events_pb2.RegisterStudent]] = []
-    for record, envelope in decode_or_dead_letter(conn, records, decode_envelope):
-        if envelope.WhichOneof("body") != "register_student":
-            record_dead_letter(conn, record, f"unexpected message type {envelope.WhichOneof('body')}")
-            continue
-        problem = _validate(envelope.register_student)
-        if problem:
-            record_dead_letter(conn, record, problem)
-            continue
-        commands.append((record, envelope.register_student))
-    if not commands:
-        return
-
-    registration_ids = {c.registration_id for _, c in commands}
-    already = set(
-        conn.execute(
-            select(decisions.c.registration_id).where(decisions.c.registration_id.in_(registration_ids))
-        ).scalars()
-    )
-    course_ids = {c.course_id for _, c in commands}
-    seats: dict[str, CourseSeats] = {
+def load_seats(conn: Connection, commands: list[events_pb2.RegisterStudent]) -> tuple[set[str], dict[str, CourseSeats]]:
+    """The registration ids decided already, and the seats of the batch's courses."""
+    already = set(conn.execute(_DECIDED, {"ids": list({c.registration_id for c in commands})}).scalars())
+    seats = {
         row.course_id: CourseSeats(row.course_id, row.campus_id, row.name, row.capacity, row.enrolled_count, set())
-        for row in conn.execute(select(courses).where(courses.c.course_id.in_(course_ids)))
+        for row in conn.execute(_COURSES, {"ids": list({c.course_id for c in commands})})
     }
-    emails = {normalize_email(c.email) for _, c in commands}
-    for row in conn.execute(
-        select(enrollments.c.course_id, enrollments.c.email).where(
-            enrollments.c.course_id.in_(seats), enrollments.c.email.in_(emails)
-        )
-    ):
-        seats[row.course_id].enrolled_emails.add(row.email)
+    if seats:
+        emails = list({normalize_email(c.email) for c in commands})
+        for row in conn.execute(_ENROLLED, {"courses": list(seats), "emails": emails}):
+            seats[row.course_id].enrolled_emails.add(row.email)
+    return already, seats
 
-    now = dt.datetime.now(dt.UTC)
-    timestamp = timestamp_pb2.Timestamp()
-    timestamp.FromDatetime(now)
-    new_decisions: list[dict[str, object]] = []
-    new_enrollments: list[dict[str, object]] = []
-    outbox_rows: list[tuple[str, str, bytes]] = []
-    seats_taken: dict[str, int] = {}
-    for record, command in commands:
+
+def decide_all(parsed: list[tuple[StreamRecord, events_pb2.RegisterStudent]], already: set[str],
+               seats: dict[str, CourseSeats]) -> list[Decision]:
+    """Decides each new sign-up in stream order (FIFO per course); redeliveries are skipped."""
+    decided: list[Decision] = []
+    for record, command in parsed:
         if command.registration_id in already:
             continue  # redelivered or retried: decided once already
         already.add(command.registration_id)
         email = normalize_email(command.email)
         course = seats.get(command.course_id)
         outcome = course.decide(email) if course else Outcome.DECLINED_UNKNOWN_COURSE
-        new_decisions.append(
-            {
-                "registration_id": command.registration_id,
-                "course_id": command.course_id,
-                "email": email,
-                "outcome": outcome.value,
-                "decide_time": now,
-                "shard_id": record.shard_id,
-                "sequence_number": record.sequence_number,
-                "worker_id": record.worker_id,
-                "lease_counter": record.lease_counter,
-            }
-        )
-        campus_id = course.campus_id if course else ""
-        course_name = course.name if course else ""
-        contact_email = command.email.strip()
-        if outcome is Outcome.ENROLLED:
-            assert course is not None
-            seats_taken[course.course_id] = seats_taken.get(course.course_id, 0) + 1
-            new_enrollments.append(
-                {
-                    "course_id": command.course_id,
-                    "email": email,
-                    "registration_id": command.registration_id,
-                    "name": command.name,
-                    "birth_date": _to_date(command.birth_date),
-                    "enroll_time": now,
-                }
-            )
-            event = new_envelope(
-                command.registration_id,
-                time=timestamp,
-                student_enrolled=events_pb2.StudentEnrolled(
-                    registration_id=command.registration_id,
-                    course_id=command.course_id,
-                    campus_id=campus_id,
-                    name=command.name,
-                    email=email,
-                    birth_date=command.birth_date,
-                    enroll_time=timestamp,
-                    contact_email=contact_email,
-                    course_name=course_name,
-                    locale=command.locale,
-                ),
-            )
-        else:
-            event = new_envelope(
-                command.registration_id,
-                time=timestamp,
-                registration_declined=events_pb2.RegistrationDeclined(
-                    registration_id=command.registration_id,
-                    course_id=command.course_id,
-                    campus_id=campus_id,
-                    reason=_DECLINE_REASON[outcome],
-                    decide_time=timestamp,
-                    name=command.name,
-                    contact_email=contact_email,
-                    course_name=course_name,
-                    locale=command.locale,
-                ),
-            )
-        # One event per decision: stats projects it and the notifier emails it.
-        outbox_rows.append((stream, command.course_id, event.SerializeToString()))
+        decided.append(Decision(record, command, email, outcome, course))
+    return decided
 
-    if new_decisions:
-        conn.execute(insert(decisions), new_decisions)
-    if new_enrollments:
-        conn.execute(insert(enrollments), new_enrollments)
-    for course_id, taken in seats_taken.items():
-        result = conn.execute(
-            update(courses)
-            .where(courses.c.course_id == course_id, courses.c.enrolled_count + taken <= courses.c.capacity)
-            .values(enrolled_count=courses.c.enrolled_count + taken)
+
+def event_for(decision: Decision, timestamp: timestamp_pb2.Timestamp) -> events_pb2.Envelope:
+    """The one event a decision produces: stats projects it and the notifier emails it."""
+    command, course = decision.command, decision.course
+    campus_id = course.campus_id if course else ""
+    course_name = course.name if course else ""
+    contact_email = command.email.strip()
+    if decision.outcome is Outcome.ENROLLED:
+        return new_envelope(
+            command.registration_id,
+            time=timestamp,
+            student_enrolled=events_pb2.StudentEnrolled(
+                registration_id=command.registration_id,
+                course_id=command.course_id,
+                campus_id=campus_id,
+                name=command.name,
+                email=decision.email,
+                birth_date=command.birth_date,
+                enroll_time=timestamp,
+                contact_email=contact_email,
+                course_name=course_name,
+                locale=command.locale,
+            ),
         )
-        if result.rowcount != 1:
-            raise SeatsChanged(course_id)
-    enqueue(conn, outbox_rows)
-    log.info("batch decided", extra={"decided": len(new_decisions), "enrolled": len(new_enrollments),
-                                     "records": len(records)})
+    return new_envelope(
+        command.registration_id,
+        time=timestamp,
+        registration_declined=events_pb2.RegistrationDeclined(
+            registration_id=command.registration_id,
+            course_id=command.course_id,
+            campus_id=campus_id,
+            reason=_DECLINE_REASON[decision.outcome],
+            decide_time=timestamp,
+            name=command.name,
+            contact_email=contact_email,
+            course_name=course_name,
+            locale=command.locale,
+        ),
+    )
+
+
+def write_decisions(conn: Connection, decided: list[Decision], stream: str, now: dt.datetime) -> None:
+    """Records the decisions, their seats and their events in the caller's transaction."""
+    timestamp = timestamp_pb2.Timestamp()
+    timestamp.FromDatetime(now)
+    seats_taken: dict[str, int] = {}
+    enrolled = [d for d in decided if d.outcome is Outcome.ENROLLED]
+    for decision in enrolled:
+        seats_taken[decision.command.course_id] = seats_taken.get(decision.command.course_id, 0) + 1
+    conn.execute(_INSERT_DECISIONS, [
+        {
+            "registration_id": d.command.registration_id,
+            "course_id": d.command.course_id,
+            "email": d.email,
+            "outcome": d.outcome.value,
+            "decide_time": now,
+            "shard_id": d.record.shard_id,
+            "sequence_number": d.record.sequence_number,
+            "worker_id": d.record.worker_id,
+            "lease_counter": d.record.lease_counter,
+        }
+        for d in decided
+    ])
+    if enrolled:
+        conn.execute(_INSERT_ENROLLMENTS, [
+            {
+                "course_id": d.command.course_id,
+                "email": d.email,
+                "registration_id": d.command.registration_id,
+                "name": d.command.name,
+                "birth_date": _to_date(d.command.birth_date),
+                "enroll_time": now,
+            }
+            for d in enrolled
+        ])
+        taken = conn.execute(_TAKE_SEATS, [{"b_course": course_id, "b_taken": count}
+                                           for course_id, count in sorted(seats_taken.items())])
+        if taken.rowcount != len(seats_taken):
+            raise SeatsChanged(sorted(seats_taken))
+    enqueue(conn, [(stream, d.command.course_id, event_for(d, timestamp).SerializeToString()) for d in decided])
+
+
+def decide_batch(conn: Connection, records: list[StreamRecord], stream: str) -> None:
+    """The consumer's batch handler; `stream` is where the decisions' events go (enrollment-events)."""
+    parsed = decode_or_dead_letter(conn, records, parse_command)
+    if not parsed:
+        return
+    already, seats = load_seats(conn, [command for _, command in parsed])
+    decided = decide_all(parsed, already, seats)
+    if decided:
+        write_decisions(conn, decided, stream, dt.datetime.now(dt.UTC))
+    log.debug("batch decided", extra={"decided": len(decided), "records": len(records)})
