@@ -205,3 +205,38 @@ def test_mail_waits_out_an_smtp_outage_and_is_delivered_once_the_server_is_back(
     assert len(handler.received) == 1
     assert view.attempts >= 3
     assert view.last_error is not None and "connect failed" in view.last_error
+
+
+def test_recording_counts_exactly_the_new_rows_and_stores_every_field(database_url: str) -> None:
+    engine = make_engine(database_url)
+    repository.create_tables(engine)
+    now = datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+
+    def notification(i: int, kind: NotificationKind = NotificationKind.ENROLLED, name: str = "Ana") -> Notification:
+        return Notification(f"reg-{i}", kind, f"student{i}@example.com", "pt-BR", name, f"c{i}", "Física <1>")
+
+    try:
+        with engine.begin() as conn:
+            assert repository.add_notifications(conn, [], now) == 0
+            # Twice in one batch counts once.
+            assert repository.add_notifications(conn, [notification(1), notification(2), notification(1)], now) == 2
+        with engine.begin() as conn:
+            # Already recorded (even with other contents) adds nothing; another kind is another email.
+            batch = [notification(1, name="changed"), notification(2), notification(3),
+                     notification(1, NotificationKind.RECEIVED)]
+            assert repository.add_notifications(conn, batch, now) == 2
+        with engine.begin() as conn:
+            assert repository.add_notifications(conn, [notification(i) for i in range(1, 4)], now) == 0
+        store = NotificationStore(engine)
+        views = store.list_for_registration("reg-1")
+        (claimed,) = [claim for claim in store.claim_due(now=now.timestamp(), limit=10, lease_seconds=30)
+                      if claim.notification.registration_id == "reg-1"
+                      and claim.notification.kind == NotificationKind.ENROLLED]
+        assert store.claim_due(now=now.timestamp() - 1, limit=10, lease_seconds=30) == [], "due exactly at `now`"
+    finally:
+        engine.dispose()
+    assert sorted(view.kind for view in views) == sorted([NotificationKind.ENROLLED, NotificationKind.RECEIVED])
+    assert {(view.status, view.attempts, view.create_time, view.send_time, view.last_error) for view in views} == {
+        (DeliveryStatus.PENDING, 0, now, None, None)}
+    assert claimed.notification == notification(1)
+    assert claimed.attempt == 1
