@@ -320,3 +320,63 @@ def test_421_is_transient_and_the_next_message_goes_over_a_new_connection() -> N
         controller.stop()
     assert [rcpts for rcpts, _ in handler.deliveries] == [["a@example.com"]]
     assert handler.greetings == 2
+
+
+@pytest.mark.parametrize("recipient", ["a b@example.com", "a>@example.com", "a@example.com>\r\nRCPT TO:<b@evil.test",
+                                       "<a@example.com>", "a\x00@example.com", ""])
+def test_a_recipient_unsafe_on_the_command_line_is_refused_before_sending_and_the_connection_stays_usable(
+    recipient: str,
+) -> None:
+    handler = CountingHandler()
+    controller, port = _server(handler)
+
+    async def run() -> None:
+        mailer = _mailer(port, max_connections=1)
+        await mailer.send(_message("first@example.com"), "first@example.com")
+        with pytest.raises(PermanentDeliveryError, match="rejected before sending"):
+            await mailer.send(_message("first@example.com"), recipient)
+        await mailer.send(_message("second@example.com"), "second@example.com")
+        await mailer.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        controller.stop()
+    assert [rcpt_tos for rcpt_tos, _ in handler.deliveries] == [["first@example.com"], ["second@example.com"]]
+    assert handler.greetings == 1
+
+
+def test_a_refused_recipient_resets_the_transaction_and_the_next_message_uses_the_same_connection() -> None:
+    class Refusing(CountingHandler):
+        async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                              rcpt_options: list[str]) -> str:
+            if address.startswith("refused"):
+                return "550 5.1.1 no such mailbox"
+            envelope.rcpt_tos.append(address)
+            return "250 OK"
+
+    handler = Refusing()
+    controller, port = _server(handler)
+
+    async def run() -> None:
+        mailer = _mailer(port, max_connections=1)
+        with pytest.raises(PermanentDeliveryError, match="550"):
+            await mailer.send(_message("refused@example.com"), "refused@example.com")
+        await mailer.send(_message("ok@example.com"), "ok@example.com")
+        await mailer.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        controller.stop()
+    assert [rcpt_tos for rcpt_tos, _ in handler.deliveries] == [["ok@example.com"]]
+    assert handler.greetings == 1
+
+
+@pytest.mark.parametrize("message", [b"a\r\nb\r\n", b"a\r\nb", b"a\nb\n", b"a\rb", b"a\r\n\nb\r", b""])
+def test_the_size_announced_is_the_size_data_transmits(message: bytes) -> None:
+    from aiosmtplib.protocol import normalize_message_line_endings
+
+    from services.notifier.adapters.smtp import _transmitted_size
+
+    assert _transmitted_size(message) == len(normalize_message_line_endings(message))

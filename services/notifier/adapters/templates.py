@@ -28,6 +28,17 @@ class TemplateRenderer:
             keep_trailing_newline=True,
             auto_reload=False,
         )
+        # (locale, kind) -> its three compiled templates, looked up once (auto_reload is off).
+        self._templates: dict[tuple[str, str], tuple[jinja2.Template, jinja2.Template, jinja2.Template]] = {}
+
+    def _templates_for(self, locale: str, kind: str) -> tuple[jinja2.Template, jinja2.Template, jinja2.Template]:
+        templates = self._templates.get((locale, kind))
+        if templates is None:
+            prefix = f"{locale}/{kind.lower()}"
+            get = self._environment.get_template
+            templates = self._templates[(locale, kind)] = (
+                get(f"{prefix}.subject.txt"), get(f"{prefix}.txt"), get(f"{prefix}.html"))
+        return templates
 
     def render(self, notification: Notification) -> RenderedEmail:
         locale = resolve_locale(notification.locale)
@@ -39,8 +50,8 @@ class TemplateRenderer:
             "course_id": single_line(notification.course_id),
             "registration_id": single_line(notification.registration_id),
         }
-        prefix = f"{locale}/{notification.kind.value.lower()}"
-        subject = single_line(self._environment.get_template(f"{prefix}.subject.txt").render(context), 900)
-        text = self._environment.get_template(f"{prefix}.txt").render(context)
-        html = self._environment.get_template(f"{prefix}.html").render(context, subject=subject)
+        subject_template, text_template, html_template = self._templates_for(locale, notification.kind.value)
+        subject = single_line(subject_template.render(context), 900)
+        text = text_template.render(context)
+        html = html_template.render(context, subject=subject)
         return RenderedEmail(subject=subject, text=text, html=html)

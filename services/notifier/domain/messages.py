@@ -54,6 +54,10 @@ class InvalidRecipient(PermanentDeliveryError):
     """The address cannot receive email; retrying will not change that."""
 
 
+# A sign-up's emails ("received", then the decision) go to one address seconds apart:
+# validating it once saves the second email ~0.1 ms of CPU. Only valid addresses are
+# kept (an exception is not cached), in memory, as the database already holds them.
+@functools.lru_cache(maxsize=8192)
 def validate_recipient(address: str) -> str:
     """The normalized form of exactly one syntactically valid address (no DNS lookup)."""
     try:
