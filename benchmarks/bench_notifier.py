@@ -11,7 +11,18 @@ in several rounds (the median is reported; machines shared with other work are n
    delivered by its Sender over its SmtpMailer pool, outcomes recorded, until every
    row is SENT;
 3. the server's own ceiling: pre-built message bytes over persistent connections,
-   nothing else on the client, so one can see how close the notifier gets.
+   nothing else on the client, so one can see how close the notifier gets;
+4. recording notifications (what the stream consumer does per batch), in batches of
+   10, 100 and 500 rows: the repository's add_notifications against the previous way,
+   a multi-row INSERT ... VALUES built and compiled by SQLAlchemy for every batch (kept
+   here as the baseline), in ms of CPU per 1,000 rows, this process's (getrusage) and,
+   on a local PostgreSQL, its backend's (/proc/<backend pid>/stat);
+5. the notifier while the stream consumer records: a thread adds notifications at
+   --record-rate per second in batches (as the consumer's checkpoint transactions do)
+   while the Sender delivers them, once with each way of recording: emails/s while
+   recording goes on, seconds until the last one is SENT, and CPU ms per email of the
+   whole process (getrusage RUSAGE_SELF: sender, recorder thread, drivers) and of the
+   recorder thread alone (time.thread_time).
 
 CPU seconds used by each side are printed too: when the aiosmtpd process uses a whole
 core, aiosmtpd is the limit, not the notifier.
@@ -32,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,7 +51,8 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 
 import aiosmtplib
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
+from sqlalchemy.dialects import postgresql, sqlite
 
 from dev.ports import listening
 from libs.config import NotifierSettings
@@ -55,6 +68,7 @@ from services.notifier.service_layer.sender import Sender
 from tests.helpers import free_port
 
 MAIL_FROM = "Course Sign-up <no-reply@course-signup.example>"
+RECORD_BATCHES = (10, 100, 500)
 KINDS = list(NotificationKind)
 
 
@@ -231,6 +245,155 @@ async def raw_ceiling(port: int, count: int, connections: int) -> None:
     await asyncio.gather(*(one_connection(count // connections) for _ in range(connections)))
 
 
+# --- recording: the stream consumer's side ---------------------------------------------
+
+Recorder = Callable[[Connection, list[Notification], datetime], int]
+
+
+def multi_values_insert(conn: Connection, batch: list[Notification], now: datetime) -> int:
+    """The previous add_notifications (baseline): a multi-row INSERT ... VALUES that
+    SQLAlchemy builds and compiles for every batch, 500 rows per statement."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(repository.notifications).on_conflict_do_nothing(
+        index_elements=["registration_id", "kind"])
+    now = now.astimezone(UTC)
+    rows = [{"registration_id": n.registration_id, "kind": n.kind.value, "recipient": n.recipient,
+             "locale": n.locale, "name": n.name, "course_id": n.course_id, "course_name": n.course_name,
+             "status": DeliveryStatus.PENDING.value, "attempts": 0, "last_error": None, "create_time": now,
+             "send_time": None, "next_attempt_at": now.timestamp()} for n in batch]
+    inserted = 0
+    for start in range(0, len(rows), 500):
+        inserted += conn.execute(statement.values(rows[start:start + 500]),
+                                 execution_options={"preserve_rowcount": True}).rowcount
+    return inserted
+
+
+RECORDERS: dict[str, Recorder] = {
+    "multi-VALUES per batch (before)": multi_values_insert,
+    "add_notifications (now)": repository.add_notifications,
+}
+
+
+def _backend_pid(conn: Connection) -> int | None:
+    """The PostgreSQL backend serving `conn`, if it runs on this machine and we may read its CPU."""
+    if conn.dialect.name != "postgresql":
+        return None
+    pid = int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+    conn.commit()
+    try:
+        _process_cpu_seconds(pid)
+    except OSError:
+        return None
+    return pid
+
+
+def _clear(database_url: str) -> None:
+    engine = make_engine(database_url)
+    try:
+        repository.create_tables(engine)
+        with engine.begin() as conn:
+            conn.execute(repository.notifications.delete())
+    finally:
+        engine.dispose()
+
+
+def recording_cost(database_url: str, batch: int, rows: int, record: Recorder) -> tuple[float, float | None]:
+    """ms of CPU per 1,000 rows recorded in batches of `batch`, one transaction each:
+    (this process, the PostgreSQL backend or None)."""
+    _clear(database_url)
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            backend = _backend_pid(conn)
+            with conn.begin():  # warm-up: statement caches, prepared statements
+                record(conn, [_notification(10_000_000 + i) for i in range(batch)], datetime.now(UTC))
+            batches = [[_notification(start + i) for i in range(batch)] for start in range(0, rows, batch)]
+            own, server = _own_cpu_seconds(), _process_cpu_seconds(backend) if backend else 0.0
+            added = 0
+            for notifications in batches:
+                with conn.begin():
+                    added += record(conn, notifications, datetime.now(UTC))
+            own = _own_cpu_seconds() - own
+            server = _process_cpu_seconds(backend) - server if backend else 0.0
+    finally:
+        engine.dispose()
+    if added != len(batches) * batch:
+        raise AssertionError(f"recorded {added} new rows of {len(batches) * batch}")
+    per_thousand = 1000 / (len(batches) * batch)
+    return own * 1000 * per_thousand, (server * 1000 * per_thousand if backend else None)
+
+
+@dataclass
+class UnderLoad:
+    label: str
+    emails: int
+    record_seconds: float
+    sent_while_recording: int
+    drain_seconds: float
+    process_cpu: float
+    recorder_cpu: float
+
+    def line(self) -> str:
+        return (f"  {self.label:<34} {self.sent_while_recording / self.record_seconds:6.0f} emails/s while recording, "
+                f"all {self.emails} SENT after {self.drain_seconds:5.2f} s; CPU per email "
+                f"{self.process_cpu / self.emails * 1000:.2f} ms (recorder thread "
+                f"{self.recorder_cpu / self.emails * 1000:.2f} ms)")
+
+
+async def sends_while_recording(database_url: str, port: int, settings: NotifierSettings, record: Recorder,
+                                rate: int, seconds: float, batch: int, label: str) -> UnderLoad:
+    """A thread records `rate` notifications a second, `batch` per transaction, for `seconds`,
+    waking the Sender after each commit (as the consumer does), while the Sender delivers them."""
+    engine = make_engine(database_url)
+    total = int(rate * seconds) // batch * batch
+    recorder_cpu = 0.0
+    try:
+        mailer = SmtpMailer(host="127.0.0.1", port=port, mail_from=MAIL_FROM,
+                            timeout_seconds=settings.smtp_timeout_seconds,
+                            max_connections=settings.smtp_max_connections, local_hostname="bench")
+        sender = Sender(store=NotificationStore(engine), mailer=mailer,
+                        compose=message_composer(TemplateRenderer(), MAIL_FROM),
+                        send_timeout_seconds=settings.smtp_timeout_seconds)
+        sender.start()
+
+        def recorder() -> None:
+            nonlocal recorder_cpu
+            started_cpu = time.thread_time()
+            started = time.monotonic()
+            with engine.connect() as conn:
+                for number, start in enumerate(range(0, total, batch)):
+                    delay = started + number * batch / rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    with conn.begin():
+                        record(conn, [_notification(start + i) for i in range(batch)], datetime.now(UTC))
+                    sender.wake_threadsafe()
+            recorder_cpu = time.thread_time() - started_cpu
+
+        started = time.monotonic()
+        cpu = _own_cpu_seconds()
+        thread = threading.Thread(target=recorder, name="bench-recorder")
+        thread.start()
+        while thread.is_alive():
+            await asyncio.sleep(0.02)
+        record_seconds = time.monotonic() - started
+        sent_while_recording = sender.sent
+        while sender.sent < total:
+            await asyncio.sleep(0.02)
+        drain_seconds = time.monotonic() - started
+        await sender.stop(5.0)
+        cpu = _own_cpu_seconds() - cpu
+        await mailer.close()
+    finally:
+        engine.dispose()
+    return UnderLoad(label, total, record_seconds, sent_while_recording, drain_seconds, cpu, recorder_cpu)
+
+
+def _median_cost(values: list[float | None]) -> str:
+    known = [value for value in values if value is not None]
+    return f"{statistics.median(known):7.1f}" if known else "    n/a"
+
+
 def _measure(server_pid: int, label: str, emails: int, run: Callable[[], None]) -> Figure:
     with Meter(server_pid) as meter:
         run()
@@ -246,6 +409,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the median of each figure is reported")
     parser.add_argument("--database-url", default=None, help="notifier database (default: a fresh SQLite file)")
     parser.add_argument("--connections", type=int, default=None, help="SMTP pool size (default: SMTP_MAX_CONNECTIONS)")
+    parser.add_argument("--record-rows", type=int, default=4000, help="rows per recording-cost measurement")
+    parser.add_argument("--record-rate", type=int, default=400, help="notifications/s recorded while sending")
+    parser.add_argument("--record-seconds", type=float, default=5.0, help="how long recording goes on while sending")
+    parser.add_argument("--record-batch", type=int, default=40, help="notifications per recording transaction")
     args = parser.parse_args(argv)
     settings = NotifierSettings()
     if args.connections:
@@ -260,6 +427,9 @@ def main(argv: list[str]) -> int:
         "ceiling": f"aiosmtpd ceiling: pre-built bytes, {pool} connections",
     }
     figures: dict[str, list[Figure]] = {key: [] for key in labels}
+    recording: dict[tuple[str, int], list[tuple[float, float | None]]] = {
+        (name, batch): [] for name in RECORDERS for batch in RECORD_BATCHES}
+    under_load: dict[str, list[UnderLoad]] = {name: [] for name in RECORDERS}
     with aiosmtpd_process() as (port, server_pid), tempfile.TemporaryDirectory() as scratch:
         asyncio.run(one_connection_per_email(port, 50))  # warm-up: imports, templates, server
         for round_number in range(1, args.rounds + 1):
@@ -283,6 +453,20 @@ def main(argv: list[str]) -> int:
             figures["ceiling"].append(_measure(
                 server_pid, labels["ceiling"], args.emails,
                 lambda: asyncio.run(raw_ceiling(port, args.emails, pool))))
+            for name, record in RECORDERS.items():
+                for batch in RECORD_BATCHES:
+                    cost = recording_cost(database_url, batch, args.record_rows, record)
+                    recording[(name, batch)].append(cost)
+                    backend = f", PostgreSQL backend {cost[1]:.1f}" if cost[1] is not None else ""
+                    print(f"recording, {name}, batches of {batch}: {cost[0]:.1f} ms CPU per 1,000 rows{backend}",
+                          flush=True)
+            for name, record in RECORDERS.items():
+                _clear(database_url)
+                result = asyncio.run(sends_while_recording(
+                    database_url, port, settings, record, args.record_rate, args.record_seconds,
+                    args.record_batch, name))
+                under_load[name].append(result)
+                print(result.line(), flush=True)
 
     rate = {key: statistics.median(f.rate for f in values) for key, values in figures.items()}
     print("\nmedians:")
@@ -294,6 +478,22 @@ def main(argv: list[str]) -> int:
     print(f"aiosmtpd ceiling / baseline, same builder:          {rate['ceiling'] / rate['baseline']:.1f}x "
           f"(the most any client could show against this server)")
     print(f"notifier / aiosmtpd ceiling:                        {rate['notifier'] / rate['ceiling']:.0%}")
+    notifier_cpu = statistics.median(f.client_cpu / f.emails * 1000 for f in figures["notifier"])
+    print(f"notifier CPU per email (this process, getrusage; sender only, rows recorded beforehand): "
+          f"{notifier_cpu:.2f} ms")
+    print("\nrecording notifications, ms CPU per 1,000 rows (medians; this process, PostgreSQL backend):")
+    for batch in RECORD_BATCHES:
+        before, after = (recording[(name, batch)] for name in RECORDERS)
+        own_before = statistics.median(cost[0] for cost in before)
+        own_after = statistics.median(cost[0] for cost in after)
+        print(f"  batches of {batch:<4} before {own_before:7.1f} / {_median_cost([c[1] for c in before])}   "
+              f"now {own_after:7.1f} / {_median_cost([c[1] for c in after])}   "
+              f"({own_before / own_after:.0f}x less CPU here)")
+    print(f"\nsending while {args.record_rate} notifications/s are recorded for {args.record_seconds:g} s, "
+          f"{args.record_batch} per transaction (medians):")
+    for results in under_load.values():
+        middle = sorted(results, key=lambda r: r.drain_seconds)[len(results) // 2]
+        print(middle.line())
     return 0
 
 

@@ -43,6 +43,9 @@ def single_line(value: str, max_chars: int = MAX_FIELD_CHARS) -> str:
     characters (CR, LF, NEL, U+2028, ...) become spaces, runs of whitespace collapse."""
     # str.isprintable() is False for every character of those categories (and a few
     # more), so text that passes it has none to replace: the common case, checked in C.
+    # Leading and trailing whitespace (a rendered template's final newline) would end up
+    # stripped anyway; removing it first keeps such text on the fast path.
+    value = value.strip()
     if not value.isprintable():
         value = "".join(
             " " if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") else char for char in value
