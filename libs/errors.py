@@ -2,7 +2,7 @@
 
 Handlers raise these; the server bootstrap's interceptor turns them into
 INVALID_ARGUMENT (with BadRequest field violations), NOT_FOUND, ALREADY_EXISTS,
-FAILED_PRECONDITION or UNAVAILABLE. Anything else is logged and becomes INTERNAL.
+FAILED_PRECONDITION, UNAVAILABLE or RESOURCE_EXHAUSTED (with RetryInfo). Anything else is logged and becomes INTERNAL.
 """
 
 from __future__ import annotations
@@ -76,6 +76,23 @@ class FailedPrecondition(ServiceError):
 
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(ServiceError):
+    """Too much load right now: the client should retry after `retry_delay_seconds` (RetryInfo)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_delay_seconds: float) -> None:
+        super().__init__(message)
+        self.retry_delay_seconds = retry_delay_seconds
+
+    def details(self) -> list[any_pb2.Any]:
+        retry_info = error_details_pb2.RetryInfo()
+        retry_info.retry_delay.FromMilliseconds(round(self.retry_delay_seconds * 1000))
+        packed = any_pb2.Any()
+        packed.Pack(retry_info)
+        return [packed]
 
 
 class Validator:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -36,36 +37,53 @@ S = TypeVar("S", bound=CommonSettings)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
-        method = details.method
+    """Turns ServiceError into its status; wraps each method's handler once, then reuses it."""
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
-            try:
-                return await inner(request, context)
-            except ServiceError as error:
-                status = rpc_status.to_status(error.to_status_proto())
+    def __init__(self) -> None:
+        # Method name -> handler (wrapped when unary-unary). Only methods the server
+        # actually serves get here (unknown names resolve to None and are not kept), so
+        # the map is bounded by the registered methods.
+        self._handlers: dict[str, Any] = {}
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = self._handlers.get(details.method)
+        if handler is None:
+            handler = await continuation(details)
+            if handler is None:
+                return None
+            if handler.unary_unary is not None:
+                handler = _wrap_unary_unary(handler, details.method)
+            self._handlers[details.method] = handler
+        return handler
+
+
+def _wrap_unary_unary(handler: Any, method: str) -> Any:
+    inner = handler.unary_unary
+
+    async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter()
+        try:
+            return await inner(request, context)
+        except ServiceError as error:
+            status = rpc_status.to_status(error.to_status_proto())
+            if error.code is not grpc.StatusCode.RESOURCE_EXHAUSTED:  # load shedding: counted, not logged per call
                 log.info("rpc rejected", extra={"method": method, "code": error.code.name,
                                                 "millis": round((time.perf_counter() - started) * 1000, 2)})
-                await context.abort(status.code, status.details, status.trailing_metadata)
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except OperationalError:
-                log.warning("database unavailable", extra={"method": method})
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable; retry later")
-            except Exception:
-                log.exception("rpc failed", extra={"method": method})
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except OperationalError:
+            log.warning("database unavailable", extra={"method": method})
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable; retry later")
+        except Exception:
+            log.exception("rpc failed", extra={"method": method})
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+    return grpc.unary_unary_rpc_method_handler(
+        unary_unary,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 @dataclass
@@ -84,6 +102,10 @@ class ServiceHooks:
     # Runs after the server stopped taking calls (flush, checkpoint, close).
     stop: Callable[[], Awaitable[None]] | None = None
     grace_seconds: float = 5.0
+    # SO_REUSEPORT: several worker processes of one service listen on the same port and
+    # the kernel spreads new connections over them. Off by default, so a second copy of
+    # a service started by mistake fails to bind instead of silently taking a share.
+    reuse_port: bool = False
 
     @classmethod
     def for_service(
@@ -107,7 +129,7 @@ async def serve(hooks: ServiceHooks, stop_event: asyncio.Event | None = None) ->
     """Serves until SIGTERM/SIGINT (or stop_event); returns the process exit code."""
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor()],
-        options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", 1000)],
+        options=[("grpc.so_reuseport", 1 if hooks.reuse_port else 0), ("grpc.max_concurrent_streams", 1000)],
     )
     hooks.register(server)
     health_servicer = health.aio.HealthServicer()
@@ -121,7 +143,7 @@ async def serve(hooks: ServiceHooks, stop_event: asyncio.Event | None = None) ->
     for service in ("", *hooks.service_names):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
-    log.info("listening", extra={"address": address})
+    log.info("listening", extra={"address": address, "pid": os.getpid()})
 
     stop_event = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -9,13 +9,14 @@ only once Kinesis accepted its own record.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import random
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import boto3
@@ -122,12 +123,13 @@ def put_records(client: Any, stream: str, records: Sequence[OutgoingRecord], att
     return results
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     record: OutgoingRecord
     future: asyncio.Future[str]
+    # When the backstop sweep gives up on this record (loop time).
+    expires: float
     attempts: int = 0
-    not_before: float = field(default=0.0)
 
 
 class RecordBatcher:
@@ -137,6 +139,11 @@ class RecordBatcher:
     arrive meanwhile wait and leave together, so batches grow with the load. Records that
     Kinesis rejects (throttling, internal failure) are retried with backoff until
     `deadline_seconds`, after which their callers get KinesisUnavailable.
+
+    Every path of `_send` settles the futures of its batch. As a backstop (a PutRecords
+    call that hangs in botocore's own retries), one sweep per second fails the records
+    still unanswered `deadline_seconds + 5` after their `put`: one timer for the batcher,
+    not one per call.
     """
 
     def __init__(
@@ -147,58 +154,75 @@ class RecordBatcher:
         max_wait_seconds: float = 0.002,
         max_in_flight: int = 1,
         deadline_seconds: float = 10.0,
+        sweep_seconds: float = 1.0,
     ) -> None:
         self._client = client
         self._stream = stream
         self._max_wait = max_wait_seconds
         self._deadline = deadline_seconds
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._sweep_seconds = sweep_seconds
+        self._ready: collections.deque[_Pending] = collections.deque()  # waiting for a batch
+        self._outstanding: collections.deque[_Pending] = collections.deque()  # put order, for the sweep
+        self._wake: asyncio.Future[None] | None = None
         self._slots = asyncio.Semaphore(max_in_flight)
         self._executor = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix=f"put-{stream}")
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._retrying = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._loop = asyncio.get_running_loop()
+        self._tasks = [self._loop.create_task(self._run()), self._loop.create_task(self._sweep_forever())]
 
     async def close(self) -> None:
-        while not self._queue.empty() or self._in_flight:
+        while self._ready or self._in_flight or self._retrying:
             await asyncio.sleep(0.01)
-        if self._task:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
         self._executor.shutdown(wait=True)
 
-    async def put(self, data: bytes, partition_key: str) -> str:
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(OutgoingRecord(partition_key, data), future))
-        async with asyncio.timeout(self._deadline + 5):  # a backstop: _send settles every future
-            return await future
+    def put(self, data: bytes, partition_key: str) -> asyncio.Future[str]:
+        """Queues one record; the returned future gets its sequence number (await it)."""
+        loop = self._loop or asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
+        pending = _Pending(OutgoingRecord(partition_key, data), future, loop.time() + self._deadline + 5)
+        self._ready.append(pending)
+        self._outstanding.append(pending)
+        self._wake_up()
+        return future
+
+    def _wake_up(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            first = await self._queue.get()
-            # Group commit: while every slot is busy, new records pile up in the queue and
-            # leave together in the next call, so batches grow with the load by themselves.
+            while not self._ready:
+                self._wake = loop.create_future()
+                await self._wake
+            # Group commit: while every slot is busy, new records pile up and leave
+            # together in the next call, so batches grow with the load by themselves.
             await self._slots.acquire()
-            if self._max_wait and self._queue.qsize() < MAX_RECORDS_PER_PUT - 1:
+            if self._max_wait and len(self._ready) < MAX_RECORDS_PER_PUT:
                 await asyncio.sleep(self._max_wait)
-            batch = [first]
-            while len(batch) < MAX_RECORDS_PER_PUT and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            task = asyncio.get_running_loop().create_task(self._send(batch))
+            count = min(len(self._ready), MAX_RECORDS_PER_PUT)
+            batch = [self._ready.popleft() for _ in range(count)]
+            task = loop.create_task(self._send(batch))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
     async def _send(self, batch: list[_Pending]) -> None:
+        sequence_numbers: list[str | None] = [None] * len(batch)
         try:
-            loop = asyncio.get_running_loop()
-            try:
-                sequence_numbers = await loop.run_in_executor(
-                    self._executor, put_records_once, self._client, self._stream, [p.record for p in batch]
-                )
-            except (BotoCoreError, ClientError) as error:
-                log.warning("PutRecords failed", extra={"stream": self._stream, "error": str(error)})
-                sequence_numbers = [None] * len(batch)
+            sequence_numbers = await asyncio.get_running_loop().run_in_executor(
+                self._executor, put_records_once, self._client, self._stream, [p.record for p in batch]
+            )
+        except (BotoCoreError, ClientError) as error:
+            log.warning("PutRecords failed", extra={"stream": self._stream, "error": str(error)})
+        except Exception:  # an unexpected answer: its records are retried like rejected ones
+            log.exception("PutRecords failed unexpectedly", extra={"stream": self._stream})
         finally:
             self._slots.release()
         for pending, sequence_number in zip(batch, sequence_numbers):
@@ -212,4 +236,25 @@ class RecordBatcher:
             if pending.attempts * 0.05 > self._deadline or pending.attempts > 12:
                 pending.future.set_exception(KinesisUnavailable(f"stream {self._stream} did not accept the record"))
             else:
-                asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, pending)
+                self._retrying += 1
+                asyncio.get_running_loop().call_later(delay, self._retry, pending)
+
+    def _retry(self, pending: _Pending) -> None:
+        self._retrying -= 1
+        if not pending.future.done():
+            self._ready.append(pending)
+            self._wake_up()
+
+    def _sweep(self, now: float) -> None:
+        outstanding = self._outstanding
+        while outstanding and (outstanding[0].future.done() or outstanding[0].expires <= now):
+            pending = outstanding.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(
+                    KinesisUnavailable(f"stream {self._stream} did not answer within {self._deadline + 5:.0f}s"))
+
+    async def _sweep_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._sweep_seconds)
+            self._sweep(loop.time())

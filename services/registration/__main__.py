@@ -1,3 +1,5 @@
-from services.registration.bootstrap import main
+import sys
 
-main()
+from services.registration.supervisor import main
+
+sys.exit(main(sys.argv[1:]))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import grpc
 
 from coursesignup.enrollment.v1 import enrollment_pb2_grpc
 from coursesignup.registration.v1 import registration_pb2_grpc
-from libs.config import RegistrationSettings
 from libs.grpc_server import ServiceHooks, in_daemon_thread, run_service
 from libs.kinesis import (
     REGISTRATIONS_STREAM,
@@ -20,9 +21,13 @@ from libs.kinesis import (
 from services.registration.adapters.catalogue import Catalogue
 from services.registration.domain.registration_ids import RegistrationIds
 from services.registration.entrypoints.grpc_api import SERVICE_NAME, RegistrationServicer
+from services.registration.settings import RegistrationServiceSettings
+
+log = logging.getLogger(__name__)
 
 
-def build_hooks(settings: RegistrationSettings) -> ServiceHooks:
+def build_hooks(settings: RegistrationServiceSettings, *, worker: int | None = None) -> ServiceHooks:
+    """The service's hooks; `worker` is this process's index when it is one of several sharing the port."""
     client = kinesis_client(settings.aws_region, max_pool_connections=32)
     parts: dict[str, Any] = {}
 
@@ -41,6 +46,8 @@ def build_hooks(settings: RegistrationSettings) -> ServiceHooks:
             parts["catalogue"],
             enrollment_pb2_grpc.EnrollmentServiceStub(channel),
             parts["commands"],
+            max_pending=settings.register_max_pending,
+            retry_delay_seconds=settings.register_retry_delay_millis / 1000,
         )
         registration_pb2_grpc.add_RegistrationServiceServicer_to_server(parts["servicer"], server)
 
@@ -53,11 +60,15 @@ def build_hooks(settings: RegistrationSettings) -> ServiceHooks:
         parts["servicer"].ready = True
 
     async def stop() -> None:
+        servicer = parts["servicer"]
+        log.info("registration worker stopped", extra={"worker": worker, "pid": os.getpid(),
+                                                       "register_accepted": servicer.accepted,
+                                                       "register_refused_overload": servicer.shed})
         await parts["commands"].close()
         await parts["catalogue"].close()
         await parts["channel"].close()
 
-    return ServiceHooks.for_service(
+    hooks = ServiceHooks.for_service(
         settings,
         name="registration",
         port=settings.registration_port,
@@ -66,7 +77,10 @@ def build_hooks(settings: RegistrationSettings) -> ServiceHooks:
         start=start,
         stop=stop,
     )
+    hooks.reuse_port = worker is not None
+    return hooks
 
 
-def main() -> None:
-    run_service("registration", RegistrationSettings(), build_hooks)
+def serve_worker(settings: RegistrationServiceSettings, worker: int | None = None) -> None:
+    """Serves in this process (alone, or as worker `worker` of several) until SIGTERM."""
+    run_service("registration", settings, lambda s: build_hooks(s, worker=worker))

@@ -12,11 +12,12 @@ from google.type import date_pb2
 from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from coursesignup.registration.v1 import registration_pb2 as R
 from coursesignup.registration.v1 import registration_pb2_grpc
-from libs.config import EnrollmentSettings, RegistrationSettings
+from libs.config import EnrollmentSettings
 from libs.envelope import decode_envelope
 from libs.kinesis import kinesis_client
 from services.enrollment.bootstrap import build_hooks as enrollment_hooks
 from services.registration.bootstrap import build_hooks as registration_hooks
+from services.registration.settings import RegistrationServiceSettings
 from tests import helpers
 
 
@@ -44,7 +45,7 @@ def services(kinesis_env, tmp_path, monkeypatch):
     monkeypatch.setenv("ENROLLMENT_TARGET", f"127.0.0.1:{enrollment_port}")
     monkeypatch.setenv("KINESIS_SHARD_COUNT", "2")
     with helpers.serve_in_thread(enrollment_hooks(EnrollmentSettings())):
-        with helpers.serve_in_thread(registration_hooks(RegistrationSettings())):
+        with helpers.serve_in_thread(registration_hooks(RegistrationServiceSettings())):
             with grpc.insecure_channel(f"127.0.0.1:{registration_port}") as channel:
                 yield registration_pb2_grpc.RegistrationServiceStub(channel), enrollment_port
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -14,6 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coursesignup.registration.v1 import registration_pb2 as R
 from coursesignup.registration.v1 import registration_pb2_grpc
+from libs.config import EnrollmentSettings
+from services.enrollment.bootstrap import build_hooks as enrollment_hooks
 from tests import helpers
 
 
@@ -48,3 +52,69 @@ def test_health_is_not_serving_until_kinesis_answers_and_sigterm_still_stops_at_
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def log_lines(path: pathlib.Path, message: str) -> list[dict]:
+    lines = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("message") == message:
+            lines.append(entry)
+    return lines
+
+
+def test_two_registration_processes_share_one_port_both_serve_and_sigterm_stops_all(kinesis_env, tmp_path,
+                                                                                     monkeypatch):
+    enrollment_port, port = helpers.free_port(), helpers.free_port()
+    monkeypatch.setenv("ENROLLMENT_PORT", str(enrollment_port))
+    monkeypatch.setenv("ENROLLMENT_DATABASE_URL", f"sqlite:///{tmp_path / 'enrollment.db'}")
+    monkeypatch.setenv("SEED_DEMO_CATALOGUE", "true")
+    env = {**os.environ, "REGISTRATION_PORT": str(port), "REGISTRATION_PROCESSES": "2",
+           "ENROLLMENT_TARGET": f"127.0.0.1:{enrollment_port}", "KINESIS_SHARD_COUNT": "1", "LOG_LEVEL": "INFO"}
+    log_path = tmp_path / "registration.log"
+    with helpers.serve_in_thread(enrollment_hooks(EnrollmentSettings())), open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "services.registration"], cwd=helpers.ROOT, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+        try:
+            workers = helpers.wait_until(lambda: len(log_lines(log_path, "worker started")) == 2 and
+                                         log_lines(log_path, "worker started"), timeout=30, what="2 workers")
+            pids = {entry["pid"] for entry in workers}
+            # One channel is one TCP connection and sticks to one process: 24 channels of
+            # their own (a local subchannel pool each) land on both with near certainty.
+            channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+                        for _ in range(24)]
+            try:
+                def all_serving() -> bool:
+                    try:
+                        return all(health_pb2_grpc.HealthStub(c).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                                   .status == health_pb2.HealthCheckResponse.SERVING for c in channels)
+                    except grpc.RpcError:
+                        return False
+                helpers.wait_until(all_serving, timeout=60, what="every connection SERVING")
+                calls = 0
+                for i, channel in enumerate(channels):
+                    for j in range(3):
+                        reply = registration_pb2_grpc.RegistrationServiceStub(channel).Register(R.RegisterRequest(
+                            name=f"Student {i}", email=f"s{i}-{j}@example.com", course_id="cs101",
+                            birth_date=date_pb2.Date(year=1990, month=1, day=1)), timeout=10)
+                        assert reply.status == R.REGISTRATION_STATUS_PENDING
+                        calls += 1
+            finally:
+                for channel in channels:
+                    channel.close()
+            assert all(pathlib.Path(f"/proc/{pid}").exists() for pid in pids)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert not any(pathlib.Path(f"/proc/{pid}").exists() for pid in pids), "a worker outlived its parent"
+    stopped = log_lines(log_path, "registration worker stopped")
+    assert {entry["pid"] for entry in stopped} == pids
+    # Both processes served Register calls, and together all of them.
+    assert all(entry["register_accepted"] > 0 for entry in stopped), stopped
+    assert sum(entry["register_accepted"] for entry in stopped) == calls

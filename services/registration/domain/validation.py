@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 
-from email_validator import EmailNotValidError, validate_email
+from email_validator import EmailNotValidError, EmailSyntaxError, validate_email
+from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
 
 from libs.errors import Validator
 from libs.ids import check_resource_id
@@ -13,6 +15,43 @@ from libs.ids import check_resource_id
 LOCALES = {"en", "pt-BR"}
 MIN_AGE_YEARS = 1
 MAX_AGE_YEARS = 120
+MAX_NAME = 200
+# Longer inputs are refused before any per-character work (gRPC allows 4 MB messages;
+# email_validator takes seconds over one). Generous: Unicode normalization may shorten
+# an address, and the real limits (254 characters, 64 before the @) are checked after it.
+MAX_RAW_EMAIL = 1024
+MAX_RAW_NAME = 4 * MAX_NAME
+
+# An unquoted ASCII local part (RFC 5322 dot-atom): email_validator keeps it as written.
+_ASCII_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+# Domain as written -> its normalized form, for ASCII domains email_validator accepted.
+_KNOWN_DOMAINS: dict[str, str] = {}
+_MAX_KNOWN_DOMAINS = 10_000
+
+
+def normalize_email(address: str) -> str:
+    """email_validator's normalized address (no DNS), or EmailNotValidError.
+
+    Sign-ups come from few domains, so an address whose local part is a plain ASCII
+    dot-atom and whose domain email_validator has already accepted is normalized here
+    without running the whole validator again (same result: the local part is kept as
+    written, the domain normalized as before); everything else goes to email_validator.
+    """
+    if len(address) > MAX_RAW_EMAIL:
+        raise EmailSyntaxError(f"The email address is too long (at most {MAX_RAW_EMAIL} characters are looked at).")
+    local, _, domain = address.rpartition("@")
+    known = _KNOWN_DOMAINS.get(domain)
+    plain_local = len(local) <= 64 and _ASCII_DOT_ATOM.fullmatch(local) is not None \
+        and local.lower() not in CASE_INSENSITIVE_MAILBOX_NAMES
+    if known is not None and plain_local and len(local) + 1 + len(known) <= 254:
+        return f"{local}@{known}"
+    result = validate_email(address, check_deliverability=False)
+    if plain_local and result.original == address and result.local_part == local and result.domain.isascii() \
+            and result.domain == result.ascii_domain:
+        if len(_KNOWN_DOMAINS) >= _MAX_KNOWN_DOMAINS:
+            _KNOWN_DOMAINS.clear()
+        _KNOWN_DOMAINS[domain] = result.domain
+    return str(result.normalized)
 
 
 @dataclass(frozen=True)
@@ -37,11 +76,11 @@ def validate_sign_up(
     today: dt.date,
 ) -> SignUp:
     validator = Validator()
-    clean_name = " ".join(name.split())
+    clean_name = " ".join(name.split()) if len(name) <= MAX_RAW_NAME else name
     if not clean_name:
         validator.add("name", "is required")
-    elif len(clean_name) > 200:
-        validator.add("name", "must be at most 200 characters")
+    elif len(clean_name) > MAX_NAME:
+        validator.add("name", f"must be at most {MAX_NAME} characters")
     elif any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
         validator.add("name", "must not contain control characters")
 
@@ -64,11 +103,13 @@ def validate_sign_up(
     check_resource_id(validator, "course_id", course_id)
 
     normalized_email = ""
-    if not email.strip():
+    if len(email) > MAX_RAW_EMAIL:
+        validator.add("email", "is not a valid address: it is too long (at most 254 characters)")
+    elif not email.strip():
         validator.add("email", "is required")
     else:
         try:
-            normalized_email = validate_email(email.strip(), check_deliverability=False).normalized
+            normalized_email = normalize_email(email.strip())
         except EmailNotValidError as error:
             validator.add("email", f"is not a valid address: {error}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from typing import Any
 
 import grpc
@@ -13,7 +14,7 @@ from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from coursesignup.events.v1 import events_pb2
 from coursesignup.registration.v1 import registration_pb2, registration_pb2_grpc
 from libs.envelope import new_envelope
-from libs.errors import InvalidArgument, NotFound, Unavailable
+from libs.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from libs.kinesis import KinesisUnavailable, RecordBatcher
 from libs.proto_time import date_message
 from services.registration.adapters.catalogue import Catalogue
@@ -40,14 +41,50 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         catalogue: Catalogue,
         enrollment: enrollment_pb2_grpc.EnrollmentServiceStub,
         commands: RecordBatcher,
+        *,
+        max_pending: int = 256,
+        retry_delay_seconds: float = 0.2,
     ) -> None:
         self.ids = ids
         self.catalogue = catalogue
         self.enrollment = enrollment
         self.commands = commands
         self.ready = False
+        # Admission: Register calls in progress in this process, and the limit beyond
+        # which new ones are answered RESOURCE_EXHAUSTED (with RetryInfo) at once, so
+        # overload is the service's decision, not HTTP/2 refusing streams.
+        self.max_pending = max_pending
+        self.retry_delay_seconds = retry_delay_seconds
+        self.pending = 0
+        self.accepted = 0
+        self.shed = 0
+        self._shed_logged = 0
+        self._shed_log_time = 0.0
 
     async def Register(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if self.pending >= self.max_pending:
+            self._shed()
+        self.pending += 1
+        try:
+            reply = await self._register(request)
+        finally:
+            self.pending -= 1
+        self.accepted += 1
+        return reply
+
+    def _shed(self) -> None:
+        self.shed += 1
+        now = time.monotonic()
+        if now - self._shed_log_time >= 10:  # one line per interval, not one per refused call
+            log.warning("Register at its admission limit: answering RESOURCE_EXHAUSTED",
+                        extra={"max_pending": self.max_pending, "refused": self.shed - self._shed_logged})
+            self._shed_log_time, self._shed_logged = now, self.shed
+        raise ResourceExhausted(
+            "too many sign-ups in progress; retry after the delay in RetryInfo with the same request_id",
+            self.retry_delay_seconds,
+        )
+
+    async def _register(self, request: Any) -> Any:
         if not self.ready:
             raise Unavailable("starting up; retry shortly")
         today = dt.datetime.now(dt.UTC).date()
@@ -85,9 +122,11 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         # record for the "received" email (two consumer applications of one stream).
         try:
             await self.commands.put(command.SerializeToString(), sign_up.course_id)
-        except (KinesisUnavailable, TimeoutError) as error:
+        except KinesisUnavailable as error:
             raise Unavailable("the registration queue is unavailable; retry with the same request_id") from error
-        log.debug("registration queued", extra={"registration_id": registration_id, "course_id": sign_up.course_id})
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("registration queued", extra={"registration_id": registration_id,
+                                                    "course_id": sign_up.course_id})
         return registration_pb2.RegisterResponse(
             registration_id=registration_id, status=registration_pb2.REGISTRATION_STATUS_PENDING
         )

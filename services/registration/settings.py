@@ -1,0 +1,26 @@
+"""Registration's own settings, on top of the shared RegistrationSettings of libs/config.py."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import Field
+
+from libs.config import RegistrationSettings
+
+
+class RegistrationServiceSettings(RegistrationSettings):
+    # Worker processes sharing the port (SO_REUSEPORT); one process is one core at most
+    # (the GIL). 1 serves in this process; 0 means one per CPU this process may use.
+    registration_processes: int = Field(default=1, ge=0, le=64)
+    # Register calls in progress per process beyond which new ones are answered
+    # RESOURCE_EXHAUSTED with a RetryInfo, well before gRPC's per-connection stream limit
+    # (1000) refuses streams; it bounds Register's latency under overload.
+    register_max_pending: int = Field(default=256, ge=1, le=900)
+    # The retry delay Register's RESOURCE_EXHAUSTED suggests (google.rpc.RetryInfo).
+    register_retry_delay_millis: int = Field(default=200, ge=0)
+
+    def worker_processes(self) -> int:
+        if self.registration_processes:
+            return self.registration_processes
+        return len(os.sched_getaffinity(0))
