@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import pathlib
 import sys
@@ -143,7 +144,7 @@ def run_one(processes: int, args: argparse.Namespace, kinesis: str) -> dict[str,
         ports = {"registration": helpers.free_port(), "enrollment": helpers.free_port()}
         env = {**os.environ, "AWS_ENDPOINT_URL_KINESIS": kinesis, "AWS_ACCESS_KEY_ID": "local",
                "AWS_SECRET_ACCESS_KEY": "local", "KINESIS_STREAM_PREFIX": f"bench{uuid.uuid4().hex[:6]}-",
-               "LOG_LEVEL": "WARNING", "REGISTRATION_PROCESSES": str(processes),
+               "LOG_LEVEL": "INFO", "REGISTRATION_PROCESSES": str(processes),
                "REGISTRATION_PORT": str(ports["registration"]), "ENROLLMENT_PORT": str(ports["enrollment"]),
                "ENROLLMENT_TARGET": f"127.0.0.1:{ports['enrollment']}", "SEED_DEMO_CATALOGUE": "true",
                "ENROLLMENT_DATABASE_URL": f"sqlite:///{tmp}/enrollment.db"}
@@ -157,11 +158,17 @@ def run_one(processes: int, args: argparse.Namespace, kinesis: str) -> dict[str,
             mesh.stop("enrollment")
             pids = process_tree(mesh.processes["registration"].pid)
             print(f"registration: {processes} worker process(es), pids {pids}", flush=True)
-            return asyncio.run(measure(mesh.target("registration"), args.seconds, args.concurrency,
-                                       args.channels, pids))
+            results = asyncio.run(measure(mesh.target("registration"), args.seconds, args.concurrency,
+                                          args.channels, pids))
         finally:
             for name in list(mesh.processes):
                 mesh.stop(name, timeout=10)
+        for line in (pathlib.Path(tmp) / "registration.log").read_text(errors="replace").splitlines():
+            if '"registration worker stopped"' in line:
+                entry = json.loads(line)
+                print(f"  worker pid {entry['pid']}: {entry['register_accepted']} Register accepted, "
+                      f"{entry['records_per_put']} records per PutRecords", flush=True)
+        return results
 
 
 def main(argv: list[str]) -> int:

@@ -169,6 +169,9 @@ class RecordBatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight: set[asyncio.Task[None]] = set()
         self._retrying = 0
+        # PutRecords calls made and records they carried (their ratio: the batch size).
+        self.batches_sent = 0
+        self.records_sent = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
@@ -209,6 +212,8 @@ class RecordBatcher:
                 await asyncio.sleep(self._max_wait)
             count = min(len(self._ready), MAX_RECORDS_PER_PUT)
             batch = [self._ready.popleft() for _ in range(count)]
+            self.batches_sent += 1
+            self.records_sent += count
             task = loop.create_task(self._send(batch))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)

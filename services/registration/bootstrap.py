@@ -60,10 +60,11 @@ def build_hooks(settings: RegistrationServiceSettings, *, worker: int | None = N
         parts["servicer"].ready = True
 
     async def stop() -> None:
-        servicer = parts["servicer"]
-        log.info("registration worker stopped", extra={"worker": worker, "pid": os.getpid(),
-                                                       "register_accepted": servicer.accepted,
-                                                       "register_refused_overload": servicer.shed})
+        servicer, commands = parts["servicer"], parts["commands"]
+        log.info("registration worker stopped", extra={
+            "worker": worker, "pid": os.getpid(), "register_accepted": servicer.accepted,
+            "register_refused_overload": servicer.shed, "put_records_calls": commands.batches_sent,
+            "records_per_put": round(commands.records_sent / max(commands.batches_sent, 1), 1)})
         await parts["commands"].close()
         await parts["catalogue"].close()
         await parts["channel"].close()

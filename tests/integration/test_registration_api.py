@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from email_validator import EmailNotValidError, validate_email
+from google.rpc import error_details_pb2
 from google.type import date_pb2
+from grpc_status import rpc_status
 
+import libs.kinesis as kinesis_module
 from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from coursesignup.registration.v1 import registration_pb2 as R
 from coursesignup.registration.v1 import registration_pb2_grpc
@@ -17,6 +22,7 @@ from libs.envelope import decode_envelope
 from libs.kinesis import kinesis_client
 from services.enrollment.bootstrap import build_hooks as enrollment_hooks
 from services.registration.bootstrap import build_hooks as registration_hooks
+from services.registration.domain.validation import normalize_email
 from services.registration.settings import RegistrationServiceSettings
 from tests import helpers
 
@@ -83,3 +89,103 @@ def test_a_course_created_after_start_is_accepted_and_unknown_ones_are_not_found
     with pytest.raises(grpc.RpcError) as error:
         registration.Register(request(1, "never-created"))
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_huge_email_is_refused_cheaply_with_invalid_argument(services):
+    registration, _ = services
+    huge = R.RegisterRequest(name="A", email="a" * 4_000_000 + "@example.com", course_id="cs101",
+                             birth_date=date_pb2.Date(year=1990, month=1, day=1))
+    with pytest.raises(grpc.RpcError) as error:
+        registration.Register(huge, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations = error_details(error.value, error_details_pb2.BadRequest).field_violations
+    assert [v.field for v in violations] == ["email"]
+
+
+def error_details(error: grpc.RpcError, kind):
+    status = rpc_status.from_call(error)
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(kind.DESCRIPTOR):
+            message = kind()
+            detail.Unpack(message)
+            return message
+    raise AssertionError(f"no {kind.DESCRIPTOR.name} in {status}")
+
+
+@pytest.mark.parametrize("address", [
+    "ada@example.com", "Ada.Lovelace+course@Example.COM", "ada@EXAMPLE.com", "Postmaster@example.com",
+    "a..b@example.com", ".ada@example.com", "ada@example", "ada@localhost", "ada@example..com",
+    "\"quoted\"@example.com", "Ada <ada@example.com>", "ådå@example.com", "ada@exämple.com", "ada@xn--exmple-cua.com",
+    "a" * 64 + "@example.com", "a" * 65 + "@example.com", "ada@" + "b" * 63 + ".com",
+    "x" * 60 + "@" + ".".join(["c" * 60] * 3) + ".com", "ada@@example.com", "@example.com", "ada@",
+])
+def test_the_email_fast_path_normalizes_exactly_like_email_validator(address):
+    def reference(value: str) -> str:
+        try:
+            return validate_email(value, check_deliverability=False).normalized
+        except EmailNotValidError:
+            return "invalid"
+
+    def ours(value: str) -> str:
+        try:
+            return normalize_email(value)
+        except EmailNotValidError:
+            return "invalid"
+
+    # Twice each: the first call may teach the fast path the domain, the second uses it.
+    assert ours(address) == reference(address)
+    assert ours(address) == reference(address)
+    for local in ("plain", "Postmaster", "a..b", "ådå", "a" * 65):
+        other = f"{local}@{address.rpartition('@')[2]}"
+        assert ours(other) == reference(other), other
+
+
+def test_register_beyond_the_admission_limit_is_resource_exhausted_with_retry_info(kinesis_env, tmp_path,
+                                                                                   monkeypatch):
+    """In-flight Register calls over REGISTER_MAX_PENDING get RESOURCE_EXHAUSTED at once, not refused streams."""
+    enrollment_port, registration_port = helpers.free_port(), helpers.free_port()
+    monkeypatch.setenv("ENROLLMENT_PORT", str(enrollment_port))
+    monkeypatch.setenv("ENROLLMENT_DATABASE_URL", f"sqlite:///{tmp_path / 'enrollment.db'}")
+    monkeypatch.setenv("SEED_DEMO_CATALOGUE", "true")
+    monkeypatch.setenv("REGISTRATION_PORT", str(registration_port))
+    monkeypatch.setenv("ENROLLMENT_TARGET", f"127.0.0.1:{enrollment_port}")
+    monkeypatch.setenv("REGISTER_MAX_PENDING", "4")
+    monkeypatch.setenv("REGISTER_RETRY_DELAY_MILLIS", "750")
+    # Each PutRecords is held until the test lets it go, so the calls stay in flight.
+    gate = threading.Event()
+    original = kinesis_module.put_records_once
+
+    def held_put_records(*args):
+        gate.wait(30)
+        return original(*args)
+
+    monkeypatch.setattr(kinesis_module, "put_records_once", held_put_records)
+    with helpers.serve_in_thread(enrollment_hooks(EnrollmentSettings())):
+        with helpers.serve_in_thread(registration_hooks(RegistrationServiceSettings())):
+            with grpc.insecure_channel(f"127.0.0.1:{registration_port}") as channel:
+                registration = registration_pb2_grpc.RegistrationServiceStub(channel)
+                held = [registration.Register.future(request(i, "cs101"), timeout=30) for i in range(4)]
+                refused = []
+                try:
+                    helpers.wait_until(lambda: len(refused) < 20 and _refused_one(registration, refused),
+                                       timeout=20, what="a RESOURCE_EXHAUSTED", interval=0.05)
+                finally:
+                    gate.set()
+                assert all(f.result().status == R.REGISTRATION_STATUS_PENDING for f in held)
+                error = refused[-1]
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                retry = error_details(error, error_details_pb2.RetryInfo)
+                assert retry.retry_delay.ToMilliseconds() == 750
+                # Once the calls in flight are answered, Register accepts again.
+                assert registration.Register(request(99, "cs101"), timeout=10).status == \
+                    R.REGISTRATION_STATUS_PENDING
+
+
+def _refused_one(registration, refused: list) -> bool:
+    try:
+        registration.Register(request(50 + len(refused), "cs101"), timeout=10)
+    except grpc.RpcError as error:
+        refused.append(error)
+        return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    return False

@@ -27,10 +27,10 @@ from libs.config import (
     CommonSettings,
     EnrollmentSettings,
     NotifierSettings,
-    RegistrationSettings,
     StatsSettings,
 )
 from libs.kinesis import ENROLLMENT_EVENTS_STREAM, REGISTRATIONS_STREAM
+from services.registration.settings import RegistrationServiceSettings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -44,7 +44,7 @@ COMPOSE_SCHEMA = (
 )
 
 SETTINGS_BY_SERVICE: dict[str, type[BaseSettings]] = {
-    "registration": RegistrationSettings,
+    "registration": RegistrationServiceSettings,  # libs.config.RegistrationSettings + its own
     "enrollment": EnrollmentSettings,
     "stats": StatsSettings,
     "notifier": NotifierSettings,
