@@ -82,6 +82,10 @@ def test_two_registration_processes_share_one_port_both_serve_and_sigterm_stops_
             workers = helpers.wait_until(lambda: len(log_lines(log_path, "worker started")) == 2 and
                                          log_lines(log_path, "worker started"), timeout=30, what="2 workers")
             pids = {entry["pid"] for entry in workers}
+            # A connection made before a worker has bound the port goes to the other one
+            # and stays there: open them once both listen.
+            helpers.wait_until(lambda: {entry["pid"] for entry in log_lines(log_path, "listening")} == pids,
+                               timeout=60, what="both workers listening")
             # One channel is one TCP connection and sticks to one process: 24 channels of
             # their own (a local subchannel pool each) land on both with near certainty.
             channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
