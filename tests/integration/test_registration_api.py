@@ -161,15 +161,29 @@ def test_register_beyond_the_admission_limit_is_resource_exhausted_with_retry_in
         return original(*args)
 
     monkeypatch.setattr(kinesis_module, "put_records_once", held_put_records)
+    # A record is queued only by a call already counted in progress: once four are
+    # queued the four held calls are all in, and no probe can overtake one of them.
+    queued: list[bytes] = []
+    original_put = kinesis_module.RecordBatcher.put
+
+    def counted_put(self, data, partition_key):
+        queued.append(data)
+        return original_put(self, data, partition_key)
+
+    monkeypatch.setattr(kinesis_module.RecordBatcher, "put", counted_put)
     with helpers.serve_in_thread(enrollment_hooks(EnrollmentSettings())):
         with helpers.serve_in_thread(registration_hooks(RegistrationServiceSettings())):
             with grpc.insecure_channel(f"127.0.0.1:{registration_port}") as channel:
                 registration = registration_pb2_grpc.RegistrationServiceStub(channel)
                 held = [registration.Register.future(request(i, "cs101"), timeout=30) for i in range(4)]
+                helpers.wait_until(lambda: len(queued) == 4, timeout=20, what="the 4 held calls in progress")
                 refused = []
                 try:
                     helpers.wait_until(lambda: len(refused) < 20 and _refused_one(registration, refused),
                                        timeout=20, what="a RESOURCE_EXHAUSTED", interval=0.05)
+                except AssertionError as error:
+                    raise AssertionError(f"{error}; the calls got {[(e.code(), e.details()) for e in refused]}, "
+                                         f"the held ones {[f.exception() for f in held if f.done()]}") from None
                 finally:
                     gate.set()
                 assert all(f.result().status == R.REGISTRATION_STATUS_PENDING for f in held)
