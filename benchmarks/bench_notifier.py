@@ -55,7 +55,6 @@ from sqlalchemy import Connection, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dev.ports import listening
-from libs.config import NotifierSettings
 from libs.db import make_engine
 from services.notifier.adapters import repository
 from services.notifier.adapters.repository import NotificationStore
@@ -65,6 +64,7 @@ from services.notifier.domain.messages import validate_recipient
 from services.notifier.domain.model import DeliveryStatus, Notification, NotificationKind
 from services.notifier.service_layer.handlers import message_composer
 from services.notifier.service_layer.sender import Sender
+from services.notifier.settings import NotifierSettings
 from tests.helpers import free_port
 
 MAIL_FROM = "Course Sign-up <no-reply@course-signup.example>"

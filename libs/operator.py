@@ -5,7 +5,9 @@
     python -m libs.operator replay --service enrollment 12 13
 
 It reads the same configuration as the service (database URL, stream prefix, Kinesis
-endpoint). Lag is the age of the oldest record a shard has not committed yet, read
+endpoint). Services register themselves: each names a `ServiceDescription` under the
+`course_signup.services` entry-point group (pyproject.toml), so this module knows
+none of them. Lag is the age of the oldest record a shard has not committed yet, read
 from Kinesis after the shard's checkpoint. Replay puts a dead letter's original bytes
 back on its stream with its partition key (after the consumer was fixed), and marks
 it replayed; the consumer then processes it like any new record.
@@ -23,23 +25,11 @@ from typing import Any
 
 from sqlalchemy import Engine, select, update
 
-from libs.config import CommonSettings, EnrollmentSettings, NotifierSettings, StatsSettings
+from libs.config import CommonSettings
 from libs.consumer import dead_letters, metadata, shard_leases
 from libs.db import make_engine
-from libs.kinesis import (
-    ENROLLMENT_EVENTS_STREAM,
-    REGISTRATIONS_STREAM,
-    OutgoingRecord,
-    kinesis_client,
-    put_records,
-)
-
-# Each service's settings, database URL setting, and the streams it consumes.
-SERVICES: dict[str, tuple[type[CommonSettings], str, tuple[str, ...]]] = {
-    "enrollment": (EnrollmentSettings, "enrollment_database_url", (REGISTRATIONS_STREAM,)),
-    "stats": (StatsSettings, "stats_database_url", (ENROLLMENT_EVENTS_STREAM,)),
-    "notifier": (NotifierSettings, "notifier_database_url", (REGISTRATIONS_STREAM, ENROLLMENT_EVENTS_STREAM)),
-}
+from libs.kinesis import OutgoingRecord, kinesis_client, put_records
+from libs.service_registry import ENTRY_POINT_GROUP, ServiceDescription, registered_services
 
 
 @dataclass
@@ -55,12 +45,11 @@ class LeaseReport:
     lag_seconds: float | None
 
 
-def _target(service: str) -> tuple[CommonSettings, Engine, list[str]]:
-    settings_class, url_field, bases = SERVICES[service]
-    settings = settings_class()
-    engine = make_engine(getattr(settings, url_field))
+def _target(description: ServiceDescription) -> tuple[CommonSettings, Engine, list[str]]:
+    settings = description.settings_class()
+    engine = make_engine(getattr(settings, description.database_url_setting))
     metadata.create_all(engine)
-    return settings, engine, [settings.stream_name(base) for base in bases]
+    return settings, engine, [settings.stream_name(base) for base in description.consumed_streams]
 
 
 def shard_lag_seconds(client: Any, stream: str, shard_id: str, checkpoint: str | None) -> float:
@@ -145,14 +134,16 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    services = registered_services()
     parser = argparse.ArgumentParser(prog="python -m libs.operator", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["leases", "dead-letters", "replay"])
     parser.add_argument("ids", nargs="*", type=int, help="dead letter ids (replay)")
-    parser.add_argument("--service", choices=sorted(SERVICES), required=True)
+    parser.add_argument("--service", choices=sorted(services), required=True,
+                        help=f"a service registered under the {ENTRY_POINT_GROUP!r} entry points")
     parser.add_argument("--all", action="store_true", help="dead-letters: include replayed ones")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
-    settings, engine, streams = _target(args.service)
+    settings, engine, streams = _target(services[args.service])
     client = kinesis_client(settings.aws_region)
     try:
         if args.command == "leases":

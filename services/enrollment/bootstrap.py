@@ -13,7 +13,6 @@ import grpc
 from coursesignup.enrollment.v1 import enrollment_pb2_grpc
 from libs import consumer as consumer_lib
 from libs import outbox as outbox_lib
-from libs.config import EnrollmentSettings
 from libs.db import ensure_schema, make_engine, wait_for_database
 from libs.grpc_server import ServiceHooks, in_daemon_thread, run_service
 from libs.kinesis import (
@@ -27,6 +26,7 @@ from services.enrollment.adapters.tables import metadata
 from services.enrollment.entrypoints.grpc_api import SERVICE_NAME, EnrollmentServicer
 from services.enrollment.service_layer.catalogue import seed_demo_catalogue
 from services.enrollment.service_layer.deciding import decide_batch
+from services.enrollment.settings import EnrollmentSettings
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from sqlalchemy import Engine
 
 from coursesignup.notifier.v1 import notifier_pb2_grpc
 from libs import consumer as consumer_lib
-from libs.config import NotifierSettings
 from libs.db import make_engine, wait_for_database
 from libs.grpc_server import ServiceHooks, in_daemon_thread, run_service
 from libs.kinesis import ENROLLMENT_EVENTS_STREAM, REGISTRATIONS_STREAM, ensure_stream, kinesis_client, wait_for_kinesis
@@ -34,6 +33,7 @@ from services.notifier.entrypoints.grpc_api import SERVICE_NAME, NotifierService
 from services.notifier.service_layer import metrics
 from services.notifier.service_layer.handlers import message_composer
 from services.notifier.service_layer.sender import Sender
+from services.notifier.settings import NotifierSettings
 
 log = logging.getLogger(__name__)
 

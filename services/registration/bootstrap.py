@@ -21,12 +21,12 @@ from libs.kinesis import (
 from services.registration.adapters.catalogue import Catalogue
 from services.registration.domain.registration_ids import RegistrationIds
 from services.registration.entrypoints.grpc_api import SERVICE_NAME, RegistrationServicer
-from services.registration.settings import RegistrationServiceSettings
+from services.registration.settings import RegistrationSettings
 
 log = logging.getLogger(__name__)
 
 
-def build_hooks(settings: RegistrationServiceSettings, *, worker: int | None = None) -> ServiceHooks:
+def build_hooks(settings: RegistrationSettings, *, worker: int | None = None) -> ServiceHooks:
     """The service's hooks; `worker` is this process's index when it is one of several sharing the port."""
     client = kinesis_client(settings.aws_region, max_pool_connections=32)
     parts: dict[str, Any] = {}
@@ -82,6 +82,6 @@ def build_hooks(settings: RegistrationServiceSettings, *, worker: int | None = N
     return hooks
 
 
-def serve_worker(settings: RegistrationServiceSettings, worker: int | None = None) -> None:
+def serve_worker(settings: RegistrationSettings, worker: int | None = None) -> None:
     """Serves in this process (alone, or as worker `worker` of several) until SIGTERM."""
     run_service("registration", settings, lambda s: build_hooks(s, worker=worker))

@@ -1,4 +1,4 @@
-"""Registration's own settings, on top of the shared RegistrationSettings of libs/config.py."""
+"""The registration service's settings: the shared `CommonSettings` and its own."""
 
 from __future__ import annotations
 
@@ -6,10 +6,21 @@ import os
 
 from pydantic import Field
 
-from libs.config import RegistrationSettings
+from libs.config import CommonSettings
 
 
-class RegistrationServiceSettings(RegistrationSettings):
+class RegistrationSettings(CommonSettings):
+    registration_port: int = 50051
+    # Where the enrollment service answers catalogue and decision queries.
+    enrollment_target: str = "127.0.0.1:50052"
+    # Key that signs registration ids: set the same secret on every registration
+    # instance; changing it makes earlier ids NOT_FOUND.
+    registration_id_secret: str = "local-development-secret-change-me"
+    # How long Register waits to gather a PutRecords batch.
+    register_batch_millis: float = 2.0
+    # PutRecords calls in flight per stream; while they are busy, records queue up and
+    # leave together (group commit), so fewer in flight means bigger batches.
+    register_max_in_flight: int = Field(default=1, ge=1, le=32)
     # Worker processes sharing the port (SO_REUSEPORT); one process is one core at most
     # (the GIL). 1 serves in this process; 0 means one per CPU this process may use.
     registration_processes: int = Field(default=1, ge=0, le=64)

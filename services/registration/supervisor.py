@@ -27,7 +27,7 @@ import time
 from types import FrameType
 
 from libs.logs import configure_logging
-from services.registration.settings import RegistrationServiceSettings
+from services.registration.settings import RegistrationSettings
 
 log = logging.getLogger("services.registration.supervisor")
 
@@ -54,7 +54,7 @@ def port_is_free(host: str, port: int) -> bool:
 
 
 class Supervisor:
-    def __init__(self, count: int, settings: RegistrationServiceSettings) -> None:
+    def __init__(self, count: int, settings: RegistrationSettings) -> None:
         self.count = count
         self.settings = settings
         self.workers: dict[int, tuple[subprocess.Popen[bytes], float]] = {}  # index -> (process, started)
@@ -124,7 +124,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.registration")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    settings = RegistrationServiceSettings()
+    settings = RegistrationSettings()
     count = settings.worker_processes()
     if args.worker is None and count > 1:
         configure_logging("registration", settings.log_level)

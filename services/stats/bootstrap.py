@@ -16,7 +16,6 @@ from sqlalchemy import Engine
 
 from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from libs import consumer as consumer_lib
-from libs.config import StatsSettings
 from libs.db import make_engine, wait_for_database
 from libs.errors import Unavailable
 from libs.grpc_server import ServiceHooks, in_daemon_thread, run_service
@@ -25,6 +24,7 @@ from services.stats.adapters.tables import create_schema
 from services.stats.entrypoints.grpc_api import StatsServicer
 from services.stats.service_layer.projection import project_batch
 from services.stats.service_layer.rebuild import complete_older_read_model
+from services.stats.settings import StatsSettings
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from libs.config import EnrollmentSettings, StatsSettings
 from libs.db import make_engine
+from services.enrollment.settings import EnrollmentSettings
 from services.stats.service_layer.rebuild import CHUNK_SIZE, WorkersStillRunning, rebuild_from_enrollments
+from services.stats.settings import StatsSettings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,8 @@ from grpc_status import rpc_status
 
 from coursesignup.enrollment.v1 import enrollment_pb2 as pb
 from coursesignup.enrollment.v1 import enrollment_pb2_grpc
-from libs.config import EnrollmentSettings
 from services.enrollment.bootstrap import build_hooks
+from services.enrollment.settings import EnrollmentSettings
 from tests import helpers
 
 

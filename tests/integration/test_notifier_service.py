@@ -31,7 +31,6 @@ from sqlalchemy import select
 
 from coursesignup.events.v1 import events_pb2
 from coursesignup.notifier.v1 import notifier_pb2, notifier_pb2_grpc
-from libs.config import NotifierSettings
 from libs.consumer import dead_letters, shard_leases
 from libs.db import make_engine
 from libs.envelope import new_envelope
@@ -45,6 +44,7 @@ from libs.kinesis import (
 )
 from libs.logs import JsonFormatter
 from services.notifier import bootstrap
+from services.notifier.settings import NotifierSettings
 from tests.helpers import free_port, serve_in_thread
 
 Kind = events_pb2.NotificationKind

@@ -11,9 +11,9 @@ import time
 from sqlalchemy import Column, Connection, MetaData, String, Table, func, insert, select
 
 from libs import consumer as consumer_lib
-from libs.config import EnrollmentSettings
 from libs.db import make_engine
 from libs.kinesis import REGISTRATIONS_STREAM, OutgoingRecord, ensure_stream, kinesis_client, put_records
+from services.enrollment.settings import EnrollmentSettings
 from tests import helpers
 from tests.helpers import wait_until
 

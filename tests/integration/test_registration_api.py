@@ -17,13 +17,13 @@ import libs.kinesis as kinesis_module
 from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from coursesignup.registration.v1 import registration_pb2 as R
 from coursesignup.registration.v1 import registration_pb2_grpc
-from libs.config import EnrollmentSettings
 from libs.envelope import decode_envelope
 from libs.kinesis import kinesis_client
 from services.enrollment.bootstrap import build_hooks as enrollment_hooks
+from services.enrollment.settings import EnrollmentSettings
 from services.registration.bootstrap import build_hooks as registration_hooks
 from services.registration.domain.validation import normalize_email
-from services.registration.settings import RegistrationServiceSettings
+from services.registration.settings import RegistrationSettings
 from tests import helpers
 
 
@@ -51,7 +51,7 @@ def services(kinesis_env, tmp_path, monkeypatch):
     monkeypatch.setenv("ENROLLMENT_TARGET", f"127.0.0.1:{enrollment_port}")
     monkeypatch.setenv("KINESIS_SHARD_COUNT", "2")
     with helpers.serve_in_thread(enrollment_hooks(EnrollmentSettings())):
-        with helpers.serve_in_thread(registration_hooks(RegistrationServiceSettings())):
+        with helpers.serve_in_thread(registration_hooks(RegistrationSettings())):
             with grpc.insecure_channel(f"127.0.0.1:{registration_port}") as channel:
                 yield registration_pb2_grpc.RegistrationServiceStub(channel), enrollment_port
 
@@ -172,7 +172,7 @@ def test_register_beyond_the_admission_limit_is_resource_exhausted_with_retry_in
 
     monkeypatch.setattr(kinesis_module.RecordBatcher, "put", counted_put)
     with helpers.serve_in_thread(enrollment_hooks(EnrollmentSettings())):
-        with helpers.serve_in_thread(registration_hooks(RegistrationServiceSettings())):
+        with helpers.serve_in_thread(registration_hooks(RegistrationSettings())):
             with grpc.insecure_channel(f"127.0.0.1:{registration_port}") as channel:
                 registration = registration_pb2_grpc.RegistrationServiceStub(channel)
                 held = [registration.Register.future(request(i, "cs101"), timeout=30) for i in range(4)]

