@@ -49,7 +49,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from libs.backoff import Backoff
+
 log = logging.getLogger(__name__)
+
+# A shard whose poll or commit failed is read again from its checkpoint after this.
+SHARD_FAILURE_BACKOFF = Backoff(base_seconds=0.4, cap_seconds=10.0)
+# A shard whose GetRecords was throttled waits this long before the next read.
+THROTTLED_BACKOFF = Backoff(base_seconds=0.5, cap_seconds=5.0)
 
 metadata = MetaData()
 
@@ -455,7 +462,7 @@ class StreamConsumer:
             except Exception as error:  # noqa: BLE001 - retry this shard from its checkpoint
                 state.failures += 1
                 state.iterator = None  # restart from the last committed checkpoint
-                delay = min(10.0, 0.2 * 2**state.failures) * random.uniform(0.5, 1.0)
+                delay = SHARD_FAILURE_BACKOFF.delay(state.failures)
                 state.not_before = time.monotonic() + delay
                 log.warning("shard poll failed; will retry from checkpoint",
                             extra={"stream": self.stream_name, "shard": shard_id,
@@ -488,7 +495,7 @@ class StreamConsumer:
                 return False
             if code in ("ProvisionedThroughputExceededException", "LimitExceededException"):
                 state.failures += 1
-                state.not_before = time.monotonic() + min(5.0, 0.25 * 2**state.failures) * random.uniform(0.5, 1)
+                state.not_before = time.monotonic() + THROTTLED_BACKOFF.delay(state.failures)
                 return False
             raise
         records = [

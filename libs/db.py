@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import logging
 import pathlib
-import time
 from typing import Any
 
 from sqlalchemy import Engine, MetaData, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
+from tenacity import retry_if_exception_type
+
+from libs.backoff import Backoff
 
 log = logging.getLogger(__name__)
+
+DATABASE_WAIT_BACKOFF = Backoff(base_seconds=0.2, cap_seconds=5.0)
 
 
 def make_engine(url: str, idle_in_transaction_seconds: float | None = None, **kwargs: Any) -> Engine:
@@ -76,20 +80,15 @@ def read_only(engine: Engine) -> Engine:
 def wait_for_database(engine: Engine, timeout: float = 300.0) -> None:
     """Waits (with backoff) until the database answers: a service started while its
     database is down stays NOT_SERVING instead of exiting."""
-    deadline = time.monotonic() + timeout
-    delay = 0.2
-    while True:
-        try:
-            with engine.connect() as conn:
-                conn.exec_driver_sql("SELECT 1")
-            return
-        except OperationalError as error:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("database not reachable; retrying", extra={"error": str(error.orig)[:200],
-                                                                   "retry_in_seconds": round(delay, 1)})
-            time.sleep(delay)
-            delay = min(5.0, delay * 2)
+
+    def select_one() -> None:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    DATABASE_WAIT_BACKOFF.retrying(
+        retry=retry_if_exception_type(OperationalError), deadline_seconds=timeout,
+        log=log, message="database not reachable; retrying",
+    )(select_one)
 
 
 class SchemaOutOfDate(RuntimeError):

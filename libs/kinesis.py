@@ -12,7 +12,6 @@ import asyncio
 import collections
 import logging
 import os
-import random
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,9 @@ from typing import Any
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from tenacity import retry_if_exception_type, retry_if_result
+
+from libs.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +31,34 @@ MAX_RECORDS_PER_PUT = 500
 REGISTRATIONS_STREAM = "registrations"
 ENROLLMENT_EVENTS_STREAM = "enrollment-events"
 
+# PutRecords entries Kinesis rejected (throttling, internal failure), retried in place.
+PUT_RECORDS_BACKOFF = Backoff(base_seconds=0.05, cap_seconds=2.0)
+# A batched record rejected again, rescheduled on the event loop.
+BATCHED_RECORD_BACKOFF = Backoff(base_seconds=0.04, cap_seconds=1.0)
+# Waiting for the Kinesis endpoint at start.
+CONNECT_BACKOFF = Backoff(base_seconds=0.2, cap_seconds=2.0)
+
 
 class KinesisUnavailable(Exception):
     """Kinesis did not accept a record in time."""
 
 
 def kinesis_client(region: str, endpoint_url: str | None = None, max_pool_connections: int = 20) -> Any:
+    """A Kinesis client that makes each call once: botocore does not retry.
+
+    Every caller retries in its own loop with `libs.backoff` (put_records, the
+    RecordBatcher until its deadline, the consumer from its checkpoint, wait_for_kinesis,
+    ensure_stream), so botocore's retries would only multiply the attempts and stretch
+    the deadlines those loops keep.
+    """
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_KINESIS")
     kwargs: dict[str, Any] = {}
     if endpoint and not (os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE")):
         # A local emulator accepts any credentials; don't make users invent some.
         kwargs.update(aws_access_key_id="local", aws_secret_access_key="local")
     config = Config(
-        retries={"max_attempts": 3, "mode": "standard"},
+        # botocore counts `max_attempts` as retries; total_max_attempts=1 is the one call.
+        retries={"total_max_attempts": 1, "mode": "standard"},
         max_pool_connections=max_pool_connections,
         connect_timeout=2,
         read_timeout=10,
@@ -56,15 +73,15 @@ def ensure_stream(client: Any, name: str, shard_count: int, timeout: float = 60.
         try:
             status = client.describe_stream_summary(StreamName=name)["StreamDescriptionSummary"]["StreamStatus"]
         except ClientError as error:
-            if error.response["Error"]["Code"] != "ResourceNotFoundException":
+            code = error.response["Error"]["Code"]
+            if code in _TRANSIENT_ERRORS:
+                status = "UNKNOWN"  # throttled: ask again at the next poll
+            elif code != "ResourceNotFoundException":
                 raise
-            try:
-                client.create_stream(StreamName=name, ShardCount=shard_count)
-                log.info("created stream", extra={"stream": name, "shards": shard_count})
-            except ClientError as create_error:
-                if create_error.response["Error"]["Code"] != "ResourceInUseException":
-                    raise
-            status = "CREATING"
+            else:
+                status = _create_stream(client, name, shard_count)
+        except BotoCoreError:
+            status = "UNKNOWN"  # the endpoint did not answer: ask again until the deadline
         if status in ("ACTIVE", "UPDATING"):
             return
         if time.monotonic() > deadline:
@@ -72,16 +89,31 @@ def ensure_stream(client: Any, name: str, shard_count: int, timeout: float = 60.
         time.sleep(0.2)
 
 
+_TRANSIENT_ERRORS = frozenset(
+    {"LimitExceededException", "ThrottlingException", "ProvisionedThroughputExceededException",
+     "InternalFailure", "ServiceUnavailable"}
+)
+
+
+def _create_stream(client: Any, name: str, shard_count: int) -> str:
+    try:
+        client.create_stream(StreamName=name, ShardCount=shard_count)
+        log.info("created stream", extra={"stream": name, "shards": shard_count})
+    except ClientError as error:
+        if error.response["Error"]["Code"] not in ("ResourceInUseException", *_TRANSIENT_ERRORS):
+            raise
+    return "CREATING"
+
+
 def wait_for_kinesis(client: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client.list_streams(Limit=1)
-            return
-        except (BotoCoreError, ClientError) as error:
-            if time.monotonic() > deadline:
-                raise KinesisUnavailable(f"Kinesis not reachable: {error}") from error
-            time.sleep(0.5)
+    """Waits (with backoff) until Kinesis answers ListStreams."""
+    try:
+        CONNECT_BACKOFF.retrying(
+            retry=retry_if_exception_type((BotoCoreError, ClientError)), deadline_seconds=timeout,
+            log=log, message="Kinesis not reachable; retrying",
+        )(client.list_streams, Limit=1)
+    except (BotoCoreError, ClientError) as error:
+        raise KinesisUnavailable(f"Kinesis not reachable: {error}") from error
 
 
 @dataclass(frozen=True)
@@ -102,24 +134,25 @@ def put_records_once(client: Any, stream: str, records: Sequence[OutgoingRecord]
 def put_records(client: Any, stream: str, records: Sequence[OutgoingRecord], attempts: int = 6) -> list[str | None]:
     """PutRecords in chunks of 500, retrying failed entries (throttling) with backoff and jitter."""
     results: list[str | None] = [None] * len(records)
+
+    def put_pending(pending: list[int]) -> list[int]:
+        """One PutRecords of the pending indexes; leaves in `pending` those Kinesis rejected."""
+        try:
+            sequence_numbers = put_records_once(client, stream, [records[i] for i in pending])
+        except (BotoCoreError, ClientError) as error:
+            log.warning("PutRecords failed", extra={"stream": stream, "error": str(error)})
+            return pending
+        for index, sequence_number in zip(pending, sequence_numbers):
+            results[index] = sequence_number
+        pending[:] = [index for index, sequence_number in zip(pending, sequence_numbers) if sequence_number is None]
+        return pending
+
+    # Out of attempts, the records still pending keep None in `results`: no exception.
+    retrying = PUT_RECORDS_BACKOFF.retrying(
+        retry=retry_if_result(bool), attempts=attempts, retry_error_callback=lambda _state: None
+    )
     for start in range(0, len(records), MAX_RECORDS_PER_PUT):
-        pending = list(range(start, min(start + MAX_RECORDS_PER_PUT, len(records))))
-        for attempt in range(attempts):
-            try:
-                sequence_numbers = put_records_once(client, stream, [records[i] for i in pending])
-            except (BotoCoreError, ClientError) as error:
-                log.warning("PutRecords failed", extra={"stream": stream, "error": str(error)})
-                sequence_numbers = [None] * len(pending)
-            still_pending = []
-            for index, sequence_number in zip(pending, sequence_numbers):
-                if sequence_number is None:
-                    still_pending.append(index)
-                else:
-                    results[index] = sequence_number
-            pending = still_pending
-            if not pending:
-                break
-            time.sleep(min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0))
+        retrying(put_pending, list(range(start, min(start + MAX_RECORDS_PER_PUT, len(records)))))
     return results
 
 
@@ -141,7 +174,7 @@ class RecordBatcher:
     `deadline_seconds`, after which their callers get KinesisUnavailable.
 
     Every path of `_send` settles the futures of its batch. As a backstop (a PutRecords
-    call that hangs in botocore's own retries), one sweep per second fails the records
+    call that hangs past botocore's timeouts), one sweep per second fails the records
     still unanswered `deadline_seconds + 5` after their `put`: one timer for the batcher,
     not one per call.
     """
@@ -237,11 +270,11 @@ class RecordBatcher:
                 pending.future.set_result(sequence_number)
                 continue
             pending.attempts += 1
-            delay = min(1.0, 0.02 * 2**pending.attempts) * random.uniform(0.5, 1.0)
             if pending.attempts * 0.05 > self._deadline or pending.attempts > 12:
                 pending.future.set_exception(KinesisUnavailable(f"stream {self._stream} did not accept the record"))
             else:
                 self._retrying += 1
+                delay = BATCHED_RECORD_BACKOFF.delay(pending.attempts)
                 asyncio.get_running_loop().call_later(delay, self._retry, pending)
 
     def _retry(self, pending: _Pending) -> None:

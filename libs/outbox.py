@@ -32,9 +32,13 @@ from sqlalchemy import (
     select,
 )
 
+from libs.backoff import Backoff
 from libs.kinesis import OutgoingRecord, put_records
 
 log = logging.getLogger(__name__)
+
+# A relay pass that failed (database or Kinesis down) is tried again after this.
+RELAY_FAILURE_BACKOFF = Backoff(base_seconds=1.0, cap_seconds=10.0)
 
 metadata = MetaData()
 
@@ -97,7 +101,7 @@ class OutboxRelay:
                 continue
             if self._stop.is_set():
                 return
-            self._wake.wait(self.poll_seconds if not failures else min(10.0, 0.5 * 2**failures))
+            self._wake.wait(RELAY_FAILURE_BACKOFF.delay(failures) if failures else self.poll_seconds)
             self._wake.clear()
 
     def publish_once(self) -> int:

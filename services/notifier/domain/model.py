@@ -8,9 +8,11 @@ with exponential backoff and jitter, a bounded number of times.
 from __future__ import annotations
 
 import enum
-import random
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
+
+from libs.backoff import Backoff
 
 
 class NotificationKind(enum.StrEnum):
@@ -154,10 +156,13 @@ class RetryPolicy:
     base_delay_seconds: float = 1.0
     max_delay_seconds: float = 300.0
 
-    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        """Seconds to wait after failed attempt number `attempt` (1-based)."""
-        ceiling = min(self.max_delay_seconds, self.base_delay_seconds * 2 ** (attempt - 1))
-        return ceiling * (rng or random).uniform(0.5, 1.0)
+    @cached_property
+    def backoff(self) -> Backoff:
+        return Backoff(base_seconds=self.base_delay_seconds, cap_seconds=self.max_delay_seconds)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based): the mesh's one backoff."""
+        return self.backoff.delay(attempt)
 
     def after_failure(self, claim: ClaimedNotification, error: DeliveryError, now: float) -> Outcome:
         if error.permanent or claim.attempt >= self.max_attempts:

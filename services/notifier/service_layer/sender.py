@@ -26,6 +26,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
+from libs.backoff import Backoff
 from libs.logs import pseudonym
 from services.notifier.domain.messages import validate_recipient
 from services.notifier.domain.model import (
@@ -43,6 +44,9 @@ from services.notifier.domain.model import (
 from services.notifier.service_layer.metrics import DeliveryCounters
 
 log = logging.getLogger(__name__)
+
+# Writing outcomes failed (database down): the batch is kept and written again after this.
+RECORDING_BACKOFF = Backoff(base_seconds=0.4, cap_seconds=5.0)
 
 
 class Mailer(Protocol):
@@ -306,7 +310,7 @@ class Sender:
                         # Unrecorded rows stay claimed; they are sent again after the lease.
                         return
                     self._outcomes[:0] = batch
-                    await asyncio.sleep(min(5.0, 0.2 * 2**failures))
+                    await asyncio.sleep(RECORDING_BACKOFF.delay(failures))
                     self._outcomes_ready.set()
                     continue
             if self._closing and not self._outcomes:
