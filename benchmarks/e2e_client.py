@@ -71,6 +71,7 @@ class Calls:
         self.sent = 0
         self.ok = 0
         self.refused = 0
+        self.error_samples: dict[str, list[str]] = {}   # a few details per status code
 
     def grow(self, index: int) -> None:
         while len(self.due) <= index:
@@ -85,7 +86,7 @@ class Calls:
             return [round(v - origin, 6) for v in values[:count]]
 
         return {"due": rel(self.due), "start": rel(self.start), "end": rel(self.end),
-                "code": self.code[:count], "registration_id": self.rid[:count]}
+                "code": self.code[:count], "registration_id": self.rid[:count], "error_samples": self.error_samples}
 
 
 def make_channels(target: str, count: int) -> list[grpc.aio.Channel]:
@@ -124,6 +125,9 @@ class Registrar:
             calls.end[index] = time.time()
             calls.code[index] = error.code().value[0]
             calls.refused += 1
+            samples = calls.error_samples.setdefault(error.code().name, [])
+            if len(samples) < 3:
+                samples.append(f"{error.details()} | {error.debug_error_string()}"[:600])
             return
         calls.end[index] = time.time()
         calls.code[index] = 0

@@ -111,13 +111,14 @@ class Processes:
     named: dict[str, int]
     postgres: bool = False
     excluded: set[int] = field(default_factory=set)   # our own monitoring backends
+    workers: dict[str, list[int]] = field(default_factory=dict)   # name -> its worker processes' pids
 
     def snapshot(self) -> Snapshot:
         cpu = {}
         for name, pid in self.named.items():
             value = process_cpu(pid)
             if value is not None:
-                cpu[name] = value
+                cpu[name] = value + sum(process_cpu(w) or 0.0 for w in self.workers.get(name, ()))
         pg: dict[int, float] = {}
         reaped = 0.0
         if self.postgres:
@@ -135,7 +136,8 @@ class Processes:
 
     def memory(self) -> dict[str, int]:
         """VmRSS in kB by name; PostgreSQL: the sum of private memory plus the largest shared part."""
-        rss = {name: process_memory(pid).get("VmRSS", 0) for name, pid in self.named.items()}
+        rss = {name: max(process_memory(p).get("VmRSS", 0) for p in (pid, *self.workers.get(name, ())))
+               for name, pid in self.named.items()}
         if self.postgres:
             anon, shmem = 0, 0
             for pid in postgres_pids():
@@ -146,7 +148,8 @@ class Processes:
         return rss
 
     def high_water_marks(self) -> dict[str, int]:
-        return {name: process_memory(pid).get("VmHWM", 0) for name, pid in self.named.items()}
+        return {name: max(process_memory(p).get("VmHWM", 0) for p in (pid, *self.workers.get(name, ())))
+                for name, pid in self.named.items()}
 
 
 def cpu_delta(start: Snapshot, end: Snapshot, other_backends: set[int]) -> dict[str, float]:
@@ -162,9 +165,11 @@ def cpu_delta(start: Snapshot, end: Snapshot, other_backends: set[int]) -> dict[
     return delta
 
 
-def epoch(value: dt.datetime | None) -> float | None:
+def epoch(value: dt.datetime | str | None) -> float | None:
     if value is None:
         return None
+    if isinstance(value, str):  # SQLite through a text() query: ISO text
+        value = dt.datetime.fromisoformat(value)
     if value.tzinfo is None:  # SQLite hands back naive UTC
         value = value.replace(tzinfo=dt.UTC)
     return value.timestamp()

@@ -152,6 +152,9 @@ class SyncRegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer
             decide, self.engine, request_id, request.course_id, name, email, birth)
         return registration_pb2.RegisterResponse(registration_id=registration_id, status=_STATUS[status])
 
+    async def GetRegistration(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the baseline only implements Register")
+
 
 def build_hooks() -> ServiceHooks:
     engine = make_engine(os.environ["SYNC_DATABASE_URL"])
