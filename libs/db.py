@@ -2,16 +2,33 @@
 
 SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE so that a transaction takes the
 write lock up front instead of failing half-way when two threads write. PostgreSQL
-URLs without a driver use psycopg 3.
+URLs without a driver use psycopg 3. Also the two things every service's tables need
+on both databases: a batched INSERT ... ON CONFLICT (`upsert_rows`, `upsert_count`) and
+reading back stored UTC times (`as_utc`).
 """
 
 from __future__ import annotations
 
 import logging
 import pathlib
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, overload
 
-from sqlalchemy import Engine, MetaData, create_engine, event, inspect
+from sqlalchemy import (
+    Connection,
+    CursorResult,
+    Engine,
+    MetaData,
+    Table,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    inspect,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from tenacity import retry_if_exception_type
@@ -124,3 +141,80 @@ def ensure_schema(engine: Engine, *metadatas: MetaData) -> None:
 
 def is_postgres(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
+
+
+@overload
+def as_utc(moment: datetime) -> datetime: ...
+@overload
+def as_utc(moment: None) -> None: ...
+def as_utc(moment: datetime | None) -> datetime | None:
+    """A stored time as an aware UTC datetime: every database here stores UTC, and SQLite
+    hands datetimes back without their zone."""
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def upsert_rows(
+    conn: Connection,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    on_conflict: Callable[[Any], Any],
+    returning: Sequence[Any] = (),
+) -> list[Any]:
+    """INSERT ... ON CONFLICT of many rows (all with the same columns); returns the
+    `returning` columns of the rows written, in their order.
+
+    `on_conflict` gets the dialect's insert and adds its ON CONFLICT clause (the same
+    method names on PostgreSQL and SQLite). On PostgreSQL the rows travel as one array
+    per column, unnested into one statement: its text never changes, so it is parsed and
+    planned once per connection, and one round trip writes a whole batch. (Multi-row
+    VALUES would be re-parsed by the driver at every batch; one execution per row costs a
+    round trip each.) SQLite runs in-process, where executemany is as good.
+    """
+    if not rows:
+        return []
+    if not returning:
+        _upsert(conn, table, rows, on_conflict, ())
+        return []
+    return list(_upsert(conn, table, rows, on_conflict, returning))
+
+
+def upsert_count(
+    conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], on_conflict: Callable[[Any], Any]
+) -> int:
+    """`upsert_rows` without RETURNING: how many rows were written (a row left alone by
+    ON CONFLICT DO NOTHING counts none)."""
+    if not rows:
+        return 0
+    return int(_upsert(conn, table, rows, on_conflict, ()).rowcount)
+
+
+def _upsert(
+    conn: Connection,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    on_conflict: Callable[[Any], Any],
+    returning: Sequence[Any],
+) -> CursorResult[Any]:
+    # SQLAlchemy drops an INSERT's row count unless asked to keep it; on SQLite the
+    # driver sums it over executemany.
+    options = {"preserve_rowcount": True}
+    names = list(rows[0])
+    if conn.dialect.name == "postgresql":
+        columns = [
+            func.unnest(
+                bindparam(f"rows_{name}", [row[name] for row in rows], type_=postgresql.ARRAY(table.c[name].type))
+            ).label(name)
+            for name in names
+        ]
+        statement = on_conflict(postgresql.insert(table).from_select(names, select(*columns)))
+        if returning:
+            statement = statement.returning(*returning)
+        return conn.execute(statement, execution_options=options)
+    if conn.dialect.name != "sqlite":
+        raise NotImplementedError(f"upserts support PostgreSQL and SQLite, not {conn.dialect.name}")
+    statement = on_conflict(sqlite.insert(table))
+    if returning:
+        statement = statement.returning(*returning)
+    return conn.execute(statement, list(rows), execution_options=options)

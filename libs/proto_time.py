@@ -1,7 +1,7 @@
 """Conversions between Python dates and times and the protobuf well-known types.
 
 Every database here stores UTC; SQLite hands datetimes back without a zone, so a naive
-value is read as UTC.
+value is read as UTC (`libs.db.as_utc`).
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import datetime as dt
 from google.protobuf import timestamp_pb2
 from google.type import date_pb2
 
+from libs.db import as_utc
+
 
 def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
     stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
+    stamp.FromDatetime(as_utc(value))
     return stamp
 
 

@@ -1,15 +1,22 @@
-"""SQLite engine behaviour the services rely on."""
+"""Engine behaviour the services rely on, and the shared upsert and UTC read-back."""
 
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime, timedelta, timezone
 
-from sqlalchemy import Column, Integer, MetaData, Table, insert, select
+from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, insert, select
 
-from libs.db import make_engine, read_only
+from libs.db import as_utc, make_engine, read_only, upsert_count, upsert_rows
 
 metadata = MetaData()
 numbers = Table("numbers", metadata, Column("n", Integer, primary_key=True))
+tallies = Table(
+    "tallies", metadata,
+    Column("name", String(32), primary_key=True),
+    Column("count", Integer, nullable=False),
+    Column("seen", DateTime(timezone=True), nullable=False),
+)
 
 
 def test_sqlite_reads_do_not_wait_for_an_open_write_transaction(tmp_path):
@@ -59,3 +66,36 @@ def test_a_database_from_an_older_version_is_refused_at_start_naming_what_is_mis
     assert result.returncode == 1
     assert "decisions.worker_id" in result.stderr and "decisions.lease_counter" in result.stderr
     assert "older version" in result.stderr
+
+
+def test_upserts_write_a_batch_and_report_what_they_wrote(database_url):
+    engine = make_engine(database_url)
+    metadata.create_all(engine)
+    seen = datetime(2026, 3, 1, 12, 30, tzinfo=UTC)
+    with engine.begin() as conn:
+        rows = [{"name": name, "count": 1, "seen": seen} for name in ("a", "b")]
+        assert upsert_count(conn, tallies, rows, lambda insert: insert.on_conflict_do_nothing()) == 2
+        again = [{"name": name, "count": 1, "seen": seen} for name in ("b", "c", "d")]
+        assert upsert_count(conn, tallies, again, lambda insert: insert.on_conflict_do_nothing()) == 2
+        added = upsert_rows(
+            conn, tallies, [{"name": "a", "count": 5, "seen": seen}, {"name": "e", "count": 1, "seen": seen}],
+            lambda insert: insert.on_conflict_do_update(
+                index_elements=["name"], set_={"count": tallies.c.count + insert.excluded.count}),
+            returning=(tallies.c.name, tallies.c.count),
+        )
+        assert sorted(tuple(row) for row in added) == [("a", 6), ("e", 1)]
+        assert upsert_count(conn, tallies, [], lambda insert: insert.on_conflict_do_nothing()) == 0
+    with engine.connect() as conn:
+        stored = conn.execute(select(tallies.c.name, tallies.c.count, tallies.c.seen).order_by(tallies.c.name)).all()
+    assert [(name, count) for name, count, _ in stored] == [("a", 6), ("b", 1), ("c", 1), ("d", 1), ("e", 1)]
+    assert {as_utc(moment) for _, _, moment in stored} == {seen}
+    engine.dispose()
+
+
+def test_stored_times_read_back_as_aware_utc():
+    assert as_utc(datetime(2026, 3, 1, 12, 30)) == datetime(2026, 3, 1, 12, 30, tzinfo=UTC)
+    assert as_utc(datetime(2026, 3, 1, 12, 30)).tzinfo is UTC
+    lisbon_summer = timezone(timedelta(hours=1))
+    converted = as_utc(datetime(2026, 7, 1, 13, 30, tzinfo=lisbon_summer))
+    assert converted.tzinfo is UTC and converted.hour == 12
+    assert as_utc(None) is None

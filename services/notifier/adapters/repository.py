@@ -1,7 +1,7 @@
 """The notifications table: the log of emails, and the queue the sender works from.
 
 One row per (registration_id, kind), enforced by a unique constraint; recording a
-command twice inserts nothing (INSERT ... ON CONFLICT DO NOTHING). The sender claims
+command twice inserts nothing (INSERT ... ON CONFLICT DO NOTHING, `libs.db.upsert_count`). The sender claims
 due PENDING rows by incrementing `attempts` and pushing `next_attempt_at` past a claim
 lease, in one transaction (FOR UPDATE SKIP LOCKED on PostgreSQL; SQLite serializes
 writers with BEGIN IMMEDIATE), so two senders never hold the same row. Outcomes are
@@ -41,7 +41,7 @@ from sqlalchemy import (
 )
 
 from libs import consumer as consumer_lib
-from libs.db import ensure_schema
+from libs.db import as_utc, ensure_schema, upsert_count
 from services.notifier.domain.model import (
     ClaimedNotification,
     Delivered,
@@ -102,39 +102,6 @@ def create_tables(engine: Engine) -> None:
     ensure_schema(engine, metadata, consumer_lib.metadata)
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; everything stored is UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
-# Recording runs in the stream consumer's thread for every batch, so it must cost little
-# GIL time: the statements are written once here (SQLAlchemy building and compiling a
-# multi-row VALUES for each batch was 0.4-0.6 ms of CPU per row), and the values go to
-# the driver as they are. Every row of a batch shares its status, times and attempts.
-_RECORDED_COLUMNS = ("registration_id", "kind", "recipient", "locale", "name", "course_id", "course_name")
-_CONSTANT_COLUMNS = ("status", "attempts", "create_time", "next_attempt_at")
-# PostgreSQL: one statement per batch, one array per column (unnest), so one plan and one
-# execution however many rows; its row count is exactly the rows inserted.
-_POSTGRESQL_INSERT = (
-    f"INSERT INTO notifications ({', '.join(_RECORDED_COLUMNS + _CONSTANT_COLUMNS)}) "
-    f"SELECT {', '.join(f'u.{column}' for column in _RECORDED_COLUMNS)}, %s, %s, %s, %s "
-    f"FROM unnest({', '.join(['%s::text[]'] * len(_RECORDED_COLUMNS))}) "
-    f"AS u({', '.join(_RECORDED_COLUMNS)}) "
-    "ON CONFLICT (registration_id, kind) DO NOTHING"
-)
-# SQLite: the driver's executemany of one prepared statement; the row count it reports is
-# the sum of the rows each execution inserted (a conflict inserts none).
-_SQLITE_INSERT = (
-    f"INSERT INTO notifications ({', '.join(_RECORDED_COLUMNS + _CONSTANT_COLUMNS)}) "
-    f"VALUES ({', '.join(['?'] * (len(_RECORDED_COLUMNS) + len(_CONSTANT_COLUMNS)))}) "
-    "ON CONFLICT (registration_id, kind) DO NOTHING"
-)
-# The row count survives the cursor only if asked for (SQLAlchemy drops it for INSERTs).
-_COUNT_ROWS = {"preserve_rowcount": True}
-
-
 def add_notifications(conn: Connection, batch: Sequence[Notification], now: datetime) -> int:
     """Records new notifications as PENDING, due now; ones already recorded are left alone.
 
@@ -147,20 +114,17 @@ def add_notifications(conn: Connection, batch: Sequence[Notification], now: date
     if not unique:
         return 0
     now = now.astimezone(UTC)
-    recorded = [(n.registration_id, n.kind.value, n.recipient, n.locale, n.name, n.course_id, n.course_name)
-                for n in unique.values()]
-    dialect = conn.dialect
-    if dialect.name == "postgresql":
-        columns = [list(values) for values in zip(*recorded, strict=True)]
-        parameters = (DeliveryStatus.PENDING.value, 0, now, now.timestamp(), *columns)
-        return int(conn.exec_driver_sql(_POSTGRESQL_INSERT, parameters, execution_options=_COUNT_ROWS).rowcount)
-    if dialect.name == "sqlite":
-        # Stored exactly as SQLAlchemy stores a DateTime on SQLite, so it reads back the same.
-        to_sqlite = notifications.c.create_time.type.bind_processor(dialect)
-        constants = (DeliveryStatus.PENDING.value, 0, to_sqlite(now) if to_sqlite else now, now.timestamp())
-        rows = [values + constants for values in recorded]
-        return int(conn.exec_driver_sql(_SQLITE_INSERT, rows, execution_options=_COUNT_ROWS).rowcount)
-    raise NotImplementedError(f"notifier supports PostgreSQL and SQLite, not {dialect.name}")
+    constants = {"status": DeliveryStatus.PENDING.value, "attempts": 0, "create_time": now,
+                 "next_attempt_at": now.timestamp()}
+    rows = [
+        {"registration_id": n.registration_id, "kind": n.kind.value, "recipient": n.recipient, "locale": n.locale,
+         "name": n.name, "course_id": n.course_id, "course_name": n.course_name, **constants}
+        for n in unique.values()
+    ]
+    return upsert_count(
+        conn, notifications, rows,
+        lambda insert: insert.on_conflict_do_nothing(index_elements=["registration_id", "kind"]),
+    )
 
 
 def _notification(row: Any) -> Notification:
@@ -278,8 +242,8 @@ class NotificationStore:
                 status=DeliveryStatus(row.status),
                 attempts=row.attempts,
                 last_error=row.last_error,
-                create_time=_utc(row.create_time),  # type: ignore[arg-type]
-                send_time=_utc(row.send_time),
+                create_time=as_utc(row.create_time),
+                send_time=as_utc(row.send_time),
             )
             for row in rows
         ]
@@ -300,7 +264,7 @@ class NotificationStore:
             failed = conn.execute(
                 select(func.count()).select_from(t).where(t.c.status == DeliveryStatus.FAILED.value)
             ).scalar_one()
-        oldest = _utc(row[3])
+        oldest = as_utc(row[3])
         return QueueStats(
             pending=int(row[0]),
             due=int(row[1]),

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Table, bindparam, delete, func, select, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Table, delete, func, select, tuple_, update
 
 from coursesignup.events.v1 import events_pb2
 from libs.consumer import StreamRecord, decode_or_dead_letter
+from libs.db import upsert_rows
 from libs.envelope import MalformedRecord, decode_envelope
 from services.stats.adapters.tables import (
     AGGREGATE_TABLES,
@@ -526,45 +526,6 @@ def _delete_keys(
     for chunk in _chunks(sorted(keys)):
         match = columns[0].in_([key[0] for key in chunk]) if len(columns) == 1 else tuple_(*columns).in_(chunk)
         conn.execute(delete(table).where(match, *condition))
-
-
-def upsert_rows(
-    conn: Connection,
-    table: Table,
-    rows: Sequence[Mapping[str, Any]],
-    on_conflict: Callable[[Any], Any],
-    returning: Sequence[Any] = (),
-) -> list[Any]:
-    """INSERT ... ON CONFLICT of many rows (all with the same columns), in their order.
-
-    On PostgreSQL the rows travel as one array per column, unnested into one statement:
-    its text never changes, so it is parsed and planned once per connection, and one
-    round trip writes a whole batch. (Multi-row VALUES would be re-parsed by the driver
-    at every batch; one execution per row costs a round trip each.) SQLite runs
-    in-process, where executemany is as good.
-    """
-    if not rows:
-        return []
-    names = list(rows[0])
-    if conn.dialect.name == "postgresql":
-        columns = [
-            func.unnest(
-                bindparam(f"rows_{name}", [row[name] for row in rows], type_=postgresql.ARRAY(table.c[name].type))
-            ).label(name)
-            for name in names
-        ]
-        statement = on_conflict(postgresql.insert(table).from_select(names, select(*columns)))
-        if returning:
-            return list(conn.execute(statement.returning(*returning)))
-        conn.execute(statement)
-        return []
-    if conn.dialect.name != "sqlite":
-        raise NotImplementedError(f"the stats read model does not support {conn.dialect.name}")
-    statement = on_conflict(sqlite.insert(table))
-    if returning:
-        return list(conn.execute(statement.returning(*returning), list(rows)))
-    conn.execute(statement, list(rows))
-    return []
 
 
 def _roster_row(event: StudentEnrolled) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import CTE, ColumnElement, Connection, Double, Engine, Select, cast, func, literal, select
 
 from libs.aip_filter import Field, FieldKind, OrderKey, compile_filter, parse_order_by
+from libs.db import as_utc
 from libs.errors import InvalidArgument
 from libs.pagination import after_keyset, decode_token, encode_token, page_size
 from services.stats.adapters.sql_expressions import age_on_sql, bytewise
@@ -204,7 +205,7 @@ def list_enrollments(
             email=row.email,
             age=int(row.age),
             birth_date=row.birth_date,
-            enroll_time=_utc(row.enroll_time),
+            enroll_time=as_utc(row.enroll_time),
         )
         for row in rows
     ]
@@ -298,9 +299,6 @@ def _bad_token() -> InvalidArgument:
     return InvalidArgument.single("page_token", "not a token returned by this method")
 
 
-def _utc(moment: datetime) -> datetime:
-    # SQLite hands back the stored UTC time without its offset.
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _iso(day: date | None) -> str:
