@@ -2,7 +2,8 @@
 
 Handlers raise these; the server bootstrap's interceptor turns them into
 INVALID_ARGUMENT (with BadRequest field violations), NOT_FOUND, ALREADY_EXISTS,
-FAILED_PRECONDITION, UNAVAILABLE or RESOURCE_EXHAUSTED (with RetryInfo). Anything else is logged and becomes INTERNAL.
+FAILED_PRECONDITION, UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE or
+RESOURCE_EXHAUSTED (with RetryInfo). Anything else is logged and becomes INTERNAL.
 """
 
 from __future__ import annotations
@@ -72,6 +73,18 @@ class AlreadyExists(ServiceError):
 
 class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unauthenticated(ServiceError):
+    """The call carries no credentials where it needs some."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    """The call's credentials do not allow it."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class Unavailable(ServiceError):

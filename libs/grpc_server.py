@@ -37,7 +37,9 @@ S = TypeVar("S", bound=CommonSettings)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns ServiceError into its status; wraps each method's handler once, then reuses it."""
+    """Turns ServiceError into its status; wraps each method's handler once, then reuses it.
+
+    Unary and server-streaming methods are wrapped (the ones the protos declare)."""
 
     def __init__(self) -> None:
         # Method name -> handler (wrapped when unary-unary). Only methods the server
@@ -53,6 +55,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 return None
             if handler.unary_unary is not None:
                 handler = _wrap_unary_unary(handler, details.method)
+            elif handler.unary_stream is not None:
+                handler = _wrap_unary_stream(handler, details.method)
             self._handlers[details.method] = handler
         return handler
 
@@ -64,26 +68,53 @@ def _wrap_unary_unary(handler: Any, method: str) -> Any:
         started = time.perf_counter()
         try:
             return await inner(request, context)
-        except ServiceError as error:
-            status = rpc_status.to_status(error.to_status_proto())
-            if error.code is not grpc.StatusCode.RESOURCE_EXHAUSTED:  # load shedding: counted, not logged per call
-                log.info("rpc rejected", extra={"method": method, "code": error.code.name,
-                                                "millis": round((time.perf_counter() - started) * 1000, 2)})
-            await context.abort(status.code, status.details, status.trailing_metadata)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except OperationalError:
-            log.warning("database unavailable", extra={"method": method})
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable; retry later")
-        except Exception:
-            log.exception("rpc failed", extra={"method": method})
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
+        except Exception as error:
+            await _abort_for(error, context, method, started)
 
     return grpc.unary_unary_rpc_method_handler(
         unary_unary,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+def _wrap_unary_stream(handler: Any, method: str) -> Any:
+    inner = handler.unary_stream
+
+    async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter()
+        try:
+            async for response in inner(request, context):
+                yield response
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:
+            await _abort_for(error, context, method, started)
+
+    return grpc.unary_stream_rpc_method_handler(
+        unary_stream,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, method: str, started: float) -> None:
+    """Ends a call that raised with its status: a ServiceError's own, UNAVAILABLE for a
+    database that cannot be reached, INTERNAL (logged with its traceback) otherwise."""
+    if isinstance(error, ServiceError):
+        status = rpc_status.to_status(error.to_status_proto())
+        if error.code is not grpc.StatusCode.RESOURCE_EXHAUSTED:  # load shedding: counted, not logged per call
+            log.info("rpc rejected", extra={"method": method, "code": error.code.name,
+                                            "millis": round((time.perf_counter() - started) * 1000, 2)})
+        await context.abort(status.code, status.details, status.trailing_metadata)
+    elif isinstance(error, OperationalError):
+        log.warning("database unavailable", extra={"method": method})
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable; retry later")
+    else:
+        log.error("rpc failed", extra={"method": method}, exc_info=error)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
 
 
 @dataclass

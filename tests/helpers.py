@@ -134,6 +134,21 @@ def postgres_schema() -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def serve_enrollment(database_url: str, **settings: Any) -> Iterator[str]:
+    """A real enrollment server (one shard per stream) in this process; its address.
+    Kinesis comes from the environment (the kinesis_env fixture)."""
+    from services.enrollment.bootstrap import build_hooks
+    from services.enrollment.settings import EnrollmentSettings
+
+    port = free_port()
+    configured = EnrollmentSettings(
+        enrollment_port=port, enrollment_database_url=database_url, kinesis_shard_count=1, **settings
+    )
+    with serve_in_thread(build_hooks(configured)):
+        yield f"127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
 def serve_in_thread(hooks: ServiceHooks, timeout: float = 60.0) -> Iterator[None]:
     """Runs a service's gRPC server in a background event loop until the block ends."""
     import asyncio

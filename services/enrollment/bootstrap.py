@@ -77,7 +77,8 @@ def build_hooks(settings: EnrollmentSettings) -> ServiceHooks:
     )
 
     def register(server: grpc.aio.Server) -> None:
-        enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(EnrollmentServicer(app.engine), server)
+        servicer = EnrollmentServicer(app.engine, settings.enrollment_admin_token)
+        enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(servicer, server)
 
     async def start() -> None:
         await in_daemon_thread(app.start)

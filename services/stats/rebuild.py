@@ -1,8 +1,9 @@
 """`python -m services.stats.rebuild`: rebuilds the stats read model from the enrollment
-database (an operator's command).
+service's records (an operator's command).
 
-Reads ENROLLMENT_DATABASE_URL (the enrollment service's enrollments and courses) and
-rewrites the read model in STATS_DATABASE_URL in one transaction, printing progress.
+Streams every enrollment from the enrollment service at ENROLLMENT_TARGET (its
+ExportEnrollments call, with ENROLLMENT_ADMIN_TOKEN: the export carries personal data)
+and rewrites the read model in STATS_DATABASE_URL in one transaction, printing progress.
 Procedure: stop the stats service, run this, start the service again; it resumes from
 its shard checkpoints, and what it reads again that the rebuild already counted
 changes nothing (see service_layer/rebuild.py for why nothing is lost either).
@@ -13,8 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+import grpc
+
 from libs.db import make_engine
-from services.enrollment.settings import EnrollmentSettings
+from services.stats.adapters.enrollment_export import EnrollmentExport
 from services.stats.service_layer.rebuild import CHUNK_SIZE, WorkersStillRunning, rebuild_from_enrollments
 from services.stats.settings import StatsSettings
 
@@ -22,7 +25,7 @@ from services.stats.settings import StatsSettings
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m services.stats.rebuild",
-        description="Rebuilds the stats read model from the enrollment database (stop the stats service first).",
+        description="Rebuilds the stats read model from the enrollment service (stop the stats service first).",
     )
     parser.add_argument(
         "--force",
@@ -31,10 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="enrollments per step (default %(default)s)")
     args = parser.parse_args(argv)
-    stats_url = StatsSettings().stats_database_url
-    enrollment_url = EnrollmentSettings().enrollment_database_url
-    stats_engine = make_engine(stats_url)
-    enrollment_engine = make_engine(enrollment_url)
+    settings = StatsSettings()
+    stats_engine = make_engine(settings.stats_database_url)
+    source = EnrollmentExport(settings.enrollment_target, settings.enrollment_admin_token)
     shown: dict[str, int] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -45,15 +47,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{stage}: {done}/{total} ({percent}%)", file=sys.stderr, flush=True)
 
     try:
-        summary = rebuild_from_enrollments(
-            stats_engine, enrollment_engine, progress, force=args.force, chunk_size=args.chunk_size
-        )
+        summary = rebuild_from_enrollments(stats_engine, source, progress, force=args.force, chunk_size=args.chunk_size)
     except WorkersStillRunning as error:
         print(f"not rebuilt: {error}", file=sys.stderr)
         return 2
+    except grpc.RpcError as error:
+        print(
+            f"not rebuilt (nothing changed): the enrollment service at {settings.enrollment_target} answered "
+            f"{error.code().name}: {error.details()}",
+            file=sys.stderr,
+        )
+        return 3
     finally:
         stats_engine.dispose()
-        enrollment_engine.dispose()
     print(
         f"rebuilt the stats read model from {summary.enrollments} enrollments "
         f"({summary.tombstones_kept} removed enrollments kept as tombstones) in {summary.seconds:.1f} s",

@@ -1,5 +1,6 @@
-"""Rebuilding the read model from the enrollment database ends where the incremental
-projection ends, on both databases, and refuses to race running workers."""
+"""Rebuilding the read model from the enrollment service (its ExportEnrollments stream,
+served by a real enrollment server) ends where the incremental projection ends, on both
+databases, refuses to race running workers, and changes nothing when the export fails."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from libs import consumer as consumer_lib
 from libs.db import make_engine
 from services.enrollment.adapters import tables as enrollment_tables
 from services.stats import rebuild as rebuild_command
+from services.stats.adapters.enrollment_export import EnrollmentExport
 from services.stats.adapters.tables import age_years, course_summaries, create_schema, metadata
 from services.stats.domain.model import StudentEnrolled
 from services.stats.service_layer import queries, views
@@ -23,8 +25,10 @@ from services.stats.service_layer.rebuild import (
     complete_older_read_model,
     rebuild_from_enrollments,
 )
+from tests import helpers
 from tests.helpers import postgres_schema
 
+ADMIN_TOKEN = "rebuild-test-admin-token"
 COURSES = {"cs101": "north", "cs102": "north", "ma201": "north", "bio1": "south", "art9": "south"}
 CREATED = datetime(2024, 12, 1, tzinfo=UTC)
 
@@ -39,7 +43,16 @@ def enrollment_url(database_url, tmp_path):
 
 
 @pytest.fixture
-def engines(database_url, enrollment_url):
+def enrollment_target(kinesis_env, enrollment_url):
+    """A real enrollment server on the enrollment database; its address."""
+    with helpers.serve_enrollment(enrollment_url, enrollment_admin_token=ADMIN_TOKEN) as target:
+        yield target
+
+
+@pytest.fixture
+def engines(database_url, enrollment_url, enrollment_target):
+    """The stats database, and the enrollment database (written directly by the tests
+    only: the rebuild reads it through the enrollment server)."""
     stats, enrollment = make_engine(database_url), make_engine(enrollment_url)
     create_schema(stats)
     consumer_lib.metadata.create_all(stats)
@@ -47,6 +60,11 @@ def engines(database_url, enrollment_url):
     yield stats, enrollment
     stats.dispose()
     enrollment.dispose()
+
+
+@pytest.fixture
+def export(enrollment_target) -> EnrollmentExport:
+    return EnrollmentExport(enrollment_target, ADMIN_TOKEN, page_size=37)
 
 
 def _history(rng: random.Random) -> tuple[list[StudentEnrolled], list[StudentEnrolled]]:
@@ -139,8 +157,8 @@ def _figures(engine) -> list:
     return [stats, courses]
 
 
-def test_a_rebuild_from_the_enrollment_database_ends_identical_to_the_incremental_projection(
-    engines, database_url, tmp_path
+def test_a_rebuild_from_the_enrollment_service_ends_identical_to_the_incremental_projection(
+    engines, export, database_url, tmp_path
 ):
     stats, enrollment = engines
     rng = random.Random(5)
@@ -152,12 +170,13 @@ def test_a_rebuild_from_the_enrollment_database_ends_identical_to_the_incrementa
     assert len(incremental["roster"]) == len(kept) + len(cancelled)
 
     progress: list[tuple[str, int, int]] = []
-    summary = rebuild_from_enrollments(stats, enrollment, lambda *step: progress.append(step), chunk_size=50)
+    summary = rebuild_from_enrollments(stats, export, lambda *step: progress.append(step), chunk_size=50)
 
     assert _contents(stats) == incremental
     assert _figures(stats) == figures
     assert (summary.enrollments, summary.tombstones_kept) == (len(kept), len(cancelled))
     assert progress[0] == ("copy enrollments", 0, len(kept))
+    assert ("copy enrollments", 37, len(kept)) in progress, "one step per exported page"
     assert ("copy enrollments", len(kept), len(kept)) in progress
     assert progress[-1] == ("count aggregates", len(kept), len(kept))
 
@@ -167,7 +186,7 @@ def test_a_rebuild_from_the_enrollment_database_ends_identical_to_the_incrementa
     assert _contents(stats) == incremental
 
 
-def test_a_rebuild_into_an_empty_database_gives_the_same_figures(engines, database_url, tmp_path):
+def test_a_rebuild_into_an_empty_database_gives_the_same_figures(engines, export, database_url, tmp_path):
     stats, enrollment = engines
     rng = random.Random(6)
     kept, cancelled = _history(rng)
@@ -175,7 +194,7 @@ def test_a_rebuild_into_an_empty_database_gives_the_same_figures(engines, databa
     _project_incrementally(stats, kept, cancelled, rng)
     fresh = make_engine(f"sqlite:///{tmp_path / 'fresh-stats.db'}")
     try:
-        rebuild_from_enrollments(fresh, enrollment)
+        rebuild_from_enrollments(fresh, export)
         skip = {"roster"}  # the fresh one has no tombstones of the cancelled enrollments
         assert _contents(fresh, skip) == _contents(stats, skip)
         assert _figures(fresh) == _figures(stats)
@@ -183,7 +202,7 @@ def test_a_rebuild_into_an_empty_database_gives_the_same_figures(engines, databa
         fresh.dispose()
 
 
-def test_a_rebuild_refuses_to_run_while_a_stats_worker_holds_a_lease(engines):
+def test_a_rebuild_refuses_to_run_while_a_stats_worker_holds_a_lease(engines, export):
     stats, enrollment = engines
     rng = random.Random(7)
     kept, cancelled = _history(rng)
@@ -198,10 +217,10 @@ def test_a_rebuild_refuses_to_run_while_a_stats_worker_holds_a_lease(engines):
             )
         )
     with pytest.raises(WorkersStillRunning, match="worker-a"):
-        rebuild_from_enrollments(stats, enrollment)
+        rebuild_from_enrollments(stats, export)
     assert _contents(stats) == before
 
-    summary = rebuild_from_enrollments(stats, enrollment, force=True)
+    summary = rebuild_from_enrollments(stats, export, force=True)
     assert summary.enrollments == len(kept)
     with stats.connect() as conn:
         lease = conn.execute(select(consumer_lib.shard_leases)).one()
@@ -209,13 +228,14 @@ def test_a_rebuild_refuses_to_run_while_a_stats_worker_holds_a_lease(engines):
 
 
 def test_the_rebuild_command_prints_progress_and_refuses_running_workers(
-    engines, database_url, enrollment_url, monkeypatch, capsys
+    engines, database_url, enrollment_target, monkeypatch, capsys
 ):
     stats, enrollment = engines
     kept, _ = _history(random.Random(8))
     _write_enrollment_database(enrollment, kept)
     monkeypatch.setenv("STATS_DATABASE_URL", database_url)
-    monkeypatch.setenv("ENROLLMENT_DATABASE_URL", enrollment_url)
+    monkeypatch.setenv("ENROLLMENT_TARGET", enrollment_target)
+    monkeypatch.setenv("ENROLLMENT_ADMIN_TOKEN", ADMIN_TOKEN)
 
     assert rebuild_command.main(["--chunk-size", "100"]) == 0
     output = capsys.readouterr().err
@@ -232,6 +252,30 @@ def test_the_rebuild_command_prints_progress_and_refuses_running_workers(
         )
     assert rebuild_command.main([]) == 2
     assert "stop the stats service first" in capsys.readouterr().err
+
+
+def test_a_refused_or_unreachable_export_changes_nothing(
+    engines, database_url, enrollment_target, monkeypatch, capsys
+):
+    stats, enrollment = engines
+    rng = random.Random(10)
+    kept, cancelled = _history(rng)
+    _write_enrollment_database(enrollment, kept)
+    _project_incrementally(stats, kept[:100], cancelled[:5], rng)
+    before = _contents(stats)
+    monkeypatch.setenv("STATS_DATABASE_URL", database_url)
+    monkeypatch.setenv("ENROLLMENT_TARGET", enrollment_target)
+
+    monkeypatch.setenv("ENROLLMENT_ADMIN_TOKEN", "not-the-admin-token")
+    assert rebuild_command.main([]) == 3
+    assert "answered PERMISSION_DENIED" in capsys.readouterr().err
+    assert _contents(stats) == before
+
+    monkeypatch.setenv("ENROLLMENT_ADMIN_TOKEN", ADMIN_TOKEN)
+    monkeypatch.setenv("ENROLLMENT_TARGET", f"127.0.0.1:{helpers.free_port()}")
+    assert rebuild_command.main([]) == 3
+    assert "answered UNAVAILABLE" in capsys.readouterr().err
+    assert _contents(stats) == before
 
 
 def test_the_aggregates_an_older_read_model_lacks_are_counted_at_start(engines):

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from sqlalchemy import Engine
 
 from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
-from libs.proto_time import timestamp
+from libs.errors import PermissionDenied, Unauthenticated
+from libs.proto_time import date_message, timestamp
 from services.enrollment.domain.model import Outcome
-from services.enrollment.service_layer import catalogue
+from services.enrollment.service_layer import catalogue, export
 
 SERVICE_NAME = enrollment_pb2.DESCRIPTOR.services_by_name["EnrollmentService"].full_name
 
@@ -39,9 +42,32 @@ def course_message(row: Any) -> enrollment_pb2.Course:
     )
 
 
+def exported_enrollment_message(row: Any) -> enrollment_pb2.ExportedEnrollment:
+    return enrollment_pb2.ExportedEnrollment(
+        registration_id=row.registration_id,
+        course_id=row.course_id,
+        campus_id=row.campus_id,
+        email=row.email,
+        name=row.name,
+        birth_date=date_message(row.birth_date),
+        enroll_time=timestamp(row.enroll_time),
+    )
+
+
+def require_admin(context: grpc.aio.ServicerContext, admin_token: str) -> None:
+    """Personal data goes only to a caller presenting the admin token as
+    `authorization: Bearer <token>` metadata."""
+    presented = dict(context.invocation_metadata() or ()).get("authorization")
+    if not isinstance(presented, str) or not presented.startswith("Bearer "):
+        raise Unauthenticated("this method returns personal data: send the admin token as 'authorization: Bearer'")
+    if not hmac.compare_digest(presented.removeprefix("Bearer ").encode(), admin_token.encode()):
+        raise PermissionDenied("the admin token presented is not this service's")
+
+
 class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, admin_token: str) -> None:
         self.engine = engine
+        self.admin_token = admin_token
 
     async def CreateCampus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         row = await asyncio.to_thread(catalogue.create_campus, self.engine, request.campus.campus_id,
@@ -91,3 +117,23 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
             outcome=_OUTCOMES[row.outcome],
             decide_time=timestamp(row.decide_time),
         )
+
+    async def ExportEnrollments(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[enrollment_pb2.ExportEnrollmentsResponse]:
+        require_admin(context, self.admin_token)
+        # A bad cursor or size is refused before anything is sent.
+        export.check_page_token(request.page_token)
+        total = await asyncio.to_thread(export.count_enrollments, self.engine)
+        token = request.page_token
+        while True:
+            # One page in memory at a time: the next is read once gRPC took this one.
+            page = await asyncio.to_thread(export.export_page, self.engine, request.page_size, token)
+            yield enrollment_pb2.ExportEnrollmentsResponse(
+                enrollments=[exported_enrollment_message(row) for row in page.rows],
+                next_page_token=page.next_page_token,
+                total_size=total,
+            )
+            token = page.next_page_token
+            if not token:
+                return

@@ -1,32 +1,35 @@
 """Rebuilding the read model from the enrollment service's records (an operator's tool).
 
-`rebuild_from_enrollments` replaces the live roster with the enrollment database's
-enrollments (each with its course's campus) and recounts every aggregate from it, in
-one transaction of the stats database: queries keep seeing the old figures until it
-commits, and a failure changes nothing. Tombstones of removed enrollments are kept, so
+`rebuild_from_enrollments` replaces the live roster with the enrollments the enrollment
+service exports (its ExportEnrollments stream, each with its course's campus; never its
+database) and recounts every aggregate from it, in one transaction of the stats
+database: queries keep seeing the old figures until it commits, and a failure changes
+nothing. Tombstones of removed enrollments are kept, so
 a late redelivery of a cancelled enrollment still cannot bring it back.
 
 The consumer's shard checkpoints are left alone. The operator stops the stats service
 first (the rebuild refuses to run while a worker holds a live lease, and locks the
-lease rows so none commits a batch meanwhile), rebuilds, and starts it again. Every
-enrollment committed before the rebuild read the enrollment database is in the
-rebuilt roster; every later one has its event still ahead of the stopped consumer's
-checkpoints (the enrollment service publishes events only after committing). Records
+lease rows so none commits a batch meanwhile), rebuilds, and starts it again. The
+export reads page by page, each page committed data; an enrollment taken or cancelled
+while it runs may be missed or still be exported, but its event is still ahead of the
+stopped consumer's checkpoints (the enrollment service publishes events only after
+committing), so the restarted consumer applies it. Records
 the restarted consumer reads that the rebuild already counted find their roster row by
 registration id and change nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, exists, func, select
 
 from libs import consumer as consumer_lib
-from services.enrollment.adapters.tables import courses, enrollments
+from services.stats.adapters.enrollment_export import EnrollmentPage
 from services.stats.adapters.tables import AGGREGATE_TABLES, age_years, create_schema, roster
 from services.stats.service_layer.projection import recount_from_roster, upsert_rows
 
@@ -34,6 +37,12 @@ from services.stats.service_layer.projection import recount_from_roster, upsert_
 CHUNK_SIZE = 20000
 
 Progress = Callable[[str, int, int], None]
+
+
+class EnrollmentSource(Protocol):
+    def pages(self) -> Iterator[EnrollmentPage]:
+        """Every enrollment, in pages (at least one), each page telling the total."""
+        ...
 
 
 class WorkersStillRunning(Exception):
@@ -49,50 +58,37 @@ class RebuildSummary:
 
 def rebuild_from_enrollments(
     stats_engine: Engine,
-    enrollment_engine: Engine,
+    source: EnrollmentSource,
     progress: Progress | None = None,
     force: bool = False,
     chunk_size: int = CHUNK_SIZE,
 ) -> RebuildSummary:
-    """Rewrites the stats read model from the enrollment database, in one transaction."""
+    """Rewrites the stats read model from the enrollment service's export, in one transaction."""
     started = time.monotonic()
     report = progress or (lambda _stage, _done, _total: None)
     create_schema(stats_engine)
     consumer_lib.metadata.create_all(stats_engine)
-    with enrollment_engine.connect() as source:
-        total = source.execute(select(func.count()).select_from(enrollments)).scalar_one()
+
+    def replace_tombstone(insert: Any) -> Any:
+        # The enrollment service is the truth: a tombstone for an enrollment it still
+        # holds (which the services never produce) gives way to the live row.
+        return insert.on_conflict_do_update(
+            index_elements=["registration_id"],
+            set_={c.name: insert.excluded[c.name] for c in roster.c if c.name != "registration_id"},
+        )
+
     with stats_engine.begin() as stats:
         _fence_workers(stats, force)
         stats.execute(roster.delete().where(roster.c.removed_time.is_(None)))
         copied = 0
-        report("copy enrollments", 0, total)
-        source_query = (
-            select(
-                enrollments.c.registration_id,
-                enrollments.c.course_id,
-                courses.c.campus_id,
-                enrollments.c.email,
-                enrollments.c.name,
-                enrollments.c.birth_date,
-                enrollments.c.enroll_time,
-            )
-            .join(courses, courses.c.course_id == enrollments.c.course_id)
-            .order_by(enrollments.c.registration_id)
-        )
-        def replace_tombstone(insert: Any) -> Any:
-            # The enrollment database is the truth: a tombstone for an enrollment it still
-            # holds (which the services never produce) gives way to the live row.
-            return insert.on_conflict_do_update(
-                index_elements=["registration_id"],
-                set_={c.name: insert.excluded[c.name] for c in roster.c if c.name != "registration_id"},
-            )
-
-        with enrollment_engine.connect() as source:
-            result = source.execution_options(stream_results=True, yield_per=chunk_size).execute(source_query)
-            for rows in result.partitions():
-                upsert_rows(stats, roster, [{**row._mapping, "removed_time": None} for row in rows], replace_tombstone)
+        for number, page in enumerate(source.pages()):
+            if number == 0:
+                report("copy enrollments", 0, page.total)
+            if page.enrollments:
+                rows = [{**dataclasses.asdict(e), "removed_time": None} for e in page.enrollments]
+                upsert_rows(stats, roster, rows, replace_tombstone)
                 copied += len(rows)
-                report("copy enrollments", copied, total)
+                report("copy enrollments", copied, max(page.total, copied))
         tombstones = stats.execute(
             select(func.count()).select_from(roster).where(roster.c.removed_time.is_not(None))
         ).scalar_one()
