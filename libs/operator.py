@@ -135,6 +135,10 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     services = registered_services()
+    if not services:
+        print(f"no service is registered under the {ENTRY_POINT_GROUP!r} entry points: "
+              "install the project (make install, or pip install -e .)", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="python -m libs.operator", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["leases", "dead-letters", "replay"])
     parser.add_argument("ids", nargs="*", type=int, help="dead letter ids (replay)")

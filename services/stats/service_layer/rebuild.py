@@ -29,9 +29,10 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine, exists, func, select
 
 from libs import consumer as consumer_lib
+from libs.db import upsert_rows
 from services.stats.adapters.enrollment_export import EnrollmentPage
 from services.stats.adapters.tables import AGGREGATE_TABLES, age_years, create_schema, roster
-from services.stats.service_layer.projection import recount_from_roster, upsert_rows
+from services.stats.service_layer.projection import recount_from_roster
 
 # Rows per step: larger steps rewrite each aggregate row fewer times in the transaction.
 CHUNK_SIZE = 20000
