@@ -26,13 +26,15 @@ import sys
 import time
 from types import FrameType
 
+from libs.backoff import Backoff
 from libs.logs import configure_logging
 from services.registration.settings import RegistrationSettings
 
 log = logging.getLogger("services.registration.supervisor")
 
 _PR_SET_PDEATHSIG = 1
-RESTART_BACKOFF_MAX = 30.0
+# A worker that keeps dying is restarted after 0.5 s, 1 s, 2 s ... up to 30 s.
+RESTART_BACKOFF = Backoff(base_seconds=0.5, cap_seconds=30.0)
 STABLE_SECONDS = 60.0
 
 
@@ -89,9 +91,11 @@ class Supervisor:
                 log.info("worker stopped", extra={"worker": index, "pid": process.pid, "exit_code": code})
                 continue
             self.failures[index] = 0 if now - started > STABLE_SECONDS else self.failures.get(index, 0) + 1
-            delay = min(RESTART_BACKOFF_MAX, 0.5 * 2 ** self.failures[index])
-            log.error("worker exited; starting it again", extra={"worker": index, "pid": process.pid,
-                                                                 "exit_code": code, "restart_in_seconds": delay})
+            # A worker that ran stably has 0 failures: restarted after the first delay.
+            delay = RESTART_BACKOFF.delay(self.failures[index] + 1)
+            log.error("worker exited; starting it again",
+                      extra={"worker": index, "pid": process.pid, "exit_code": code,
+                             "restart_in_seconds": round(delay, 2)})
             self.restart_at[index] = now + delay
 
     def run(self) -> int:
