@@ -70,30 +70,21 @@ class Backoff:
         """The largest delay `delay(attempt)` can return."""
         return min(self.cap_seconds, self.base_seconds * 2 ** min(attempt - 1, 1023))
 
-    def retrying(
-        self,
-        *,
-        retry: retry_base,
-        attempts: int | None = None,
-        deadline_seconds: float | None = None,
-        log: logging.Logger | None = None,
-        message: str = "retrying",
-        extra: Mapping[str, Any] | None = None,
-        **options: Any,
-    ) -> Retrying:
-        """A tenacity loop with this backoff: the last error is re-raised once it stops."""
-        return Retrying(
-            wait=self.wait,
-            stop=_stop(attempts, deadline_seconds),
-            retry=retry,
-            reraise=True,
-            before_sleep=_log_retry(log, message, extra) if log else None,
-            **options,
-        )
+    def retrying(self, *, retry: retry_base, **limits: Any) -> Retrying:
+        """A tenacity loop with this backoff: the last error is re-raised once it stops.
 
-    def async_retrying(
+        `limits`: `attempts`, `deadline_seconds` (either ends the loop), `log`, `message`
+        and `extra` (one warning per retry, with the error and the delay); anything else
+        goes to tenacity (`sleep`, `retry_error_callback`, ...).
+        """
+        return Retrying(**self._options(retry, **limits))
+
+    def async_retrying(self, *, retry: retry_base, **limits: Any) -> AsyncRetrying:
+        """The asyncio form of `retrying`."""
+        return AsyncRetrying(**self._options(retry, **limits))
+
+    def _options(
         self,
-        *,
         retry: retry_base,
         attempts: int | None = None,
         deadline_seconds: float | None = None,
@@ -101,16 +92,15 @@ class Backoff:
         message: str = "retrying",
         extra: Mapping[str, Any] | None = None,
         **options: Any,
-    ) -> AsyncRetrying:
-        """The asyncio form of `retrying`."""
-        return AsyncRetrying(
-            wait=self.wait,
-            stop=_stop(attempts, deadline_seconds),
-            retry=retry,
-            reraise=True,
-            before_sleep=_log_retry(log, message, extra) if log else None,
+    ) -> dict[str, Any]:
+        return {
+            "wait": self.wait,
+            "stop": _stop(attempts, deadline_seconds),
+            "retry": retry,
+            "reraise": True,
+            "before_sleep": _log_retry(log, message, extra) if log else None,
             **options,
-        )
+        }
 
 
 def _stop(attempts: int | None, deadline_seconds: float | None) -> stop_base:

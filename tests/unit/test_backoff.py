@@ -54,46 +54,40 @@ def test_a_retry_loop_sleeps_the_backoff_delays_and_returns_once_the_call_succee
         assert ceiling / 2 <= delay <= ceiling
 
 
+class AlwaysFailing:
+    """A call that raises `error_type` every time, counting the calls."""
+
+    def __init__(self, error_type: type[Exception]) -> None:
+        self.error_type = error_type
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        raise self.error_type(f"down {self.calls}")
+
+
 def test_a_retry_loop_stops_after_its_attempts_and_raises_the_last_error() -> None:
-    calls = 0
-
-    def always_down() -> None:
-        nonlocal calls
-        calls += 1
-        raise ConnectionError(f"down {calls}")
-
+    always_down = AlwaysFailing(ConnectionError)
     retrying = Backoff(base_seconds=0.01, cap_seconds=0.01).retrying(
         retry=retry_if_exception_type(ConnectionError), attempts=3, sleep=lambda _s: None
     )
     with pytest.raises(ConnectionError, match="down 3"):
         retrying(always_down)
-    assert calls == 3
+    assert always_down.calls == 3
 
 
 def test_errors_that_are_not_retryable_propagate_at_once() -> None:
-    calls = 0
-
-    def broken() -> None:
-        nonlocal calls
-        calls += 1
-        raise KeyError("bug")
-
+    broken = AlwaysFailing(KeyError)
     retrying = Backoff(base_seconds=0.01, cap_seconds=0.01).retrying(
         retry=retry_if_exception_type(ConnectionError), attempts=5, sleep=lambda _s: None
     )
     with pytest.raises(KeyError):
         retrying(broken)
-    assert calls == 1
+    assert broken.calls == 1
 
 
 def test_a_retry_loop_gives_up_at_its_deadline() -> None:
-    calls = 0
-
-    def always_down() -> None:
-        nonlocal calls
-        calls += 1
-        raise ConnectionError("down")
-
+    always_down = AlwaysFailing(ConnectionError)
     retrying = Backoff(base_seconds=0.02, cap_seconds=0.05).retrying(
         retry=retry_if_exception_type(ConnectionError), deadline_seconds=0.3
     )
@@ -103,7 +97,7 @@ def test_a_retry_loop_gives_up_at_its_deadline() -> None:
     elapsed = time.monotonic() - started
     # The deadline is checked after each failure: one more delay (<= cap) at the most.
     assert 0.3 <= elapsed < 0.3 + 0.05 + 0.2
-    assert calls > 3
+    assert always_down.calls > 3
 
 
 def test_each_retry_is_logged_with_the_error_and_the_delay(caplog: pytest.LogCaptureFixture) -> None:
