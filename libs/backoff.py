@@ -47,28 +47,24 @@ class Backoff:
     base_seconds: float
     cap_seconds: float
     wait: wait_base = field(init=False, repr=False, compare=False)
+    _floor: wait_base = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.base_seconds <= self.cap_seconds:
             raise ValueError(f"backoff needs 0 < base <= cap, got base={self.base_seconds} cap={self.cap_seconds}")
         half_base, half_cap = self.base_seconds / 2, self.cap_seconds / 2
         # c/2 fixed plus U(0, c/2): tenacity's exponential and random exponential share the ceiling.
-        wait = wait_exponential(multiplier=half_base, max=half_cap) + wait_random_exponential(
-            multiplier=half_base, max=half_cap
-        )
-        object.__setattr__(self, "wait", wait)
+        floor = wait_exponential(multiplier=half_base, max=half_cap)
+        object.__setattr__(self, "_floor", floor)
+        object.__setattr__(self, "wait", floor + wait_random_exponential(multiplier=half_base, max=half_cap))
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number `attempt` (1-based)."""
-        if attempt < 1:
-            raise ValueError(f"attempts are numbered from 1, got {attempt}")
-        state = RetryCallState(cast(Any, None), None, (), {})
-        state.attempt_number = attempt
-        return float(self.wait(state))
+        return float(self.wait(_after_attempt(attempt)))
 
     def ceiling(self, attempt: int) -> float:
-        """The largest delay `delay(attempt)` can return."""
-        return min(self.cap_seconds, self.base_seconds * 2 ** min(attempt - 1, 1023))
+        """The largest delay `delay(attempt)` can return (the smallest is half of it)."""
+        return 2 * float(self._floor(_after_attempt(attempt)))
 
     def retrying(self, *, retry: retry_base, **limits: Any) -> Retrying:
         """A tenacity loop with this backoff: the last error is re-raised once it stops.
@@ -101,6 +97,15 @@ class Backoff:
             "before_sleep": _log_retry(log, message, extra) if log else None,
             **options,
         }
+
+
+def _after_attempt(attempt: int) -> RetryCallState:
+    """The state tenacity's wait strategies see after failed attempt `attempt`."""
+    if attempt < 1:
+        raise ValueError(f"attempts are numbered from 1, got {attempt}")
+    state = RetryCallState(cast(Any, None), None, (), {})
+    state.attempt_number = attempt
+    return state
 
 
 def _stop(attempts: int | None, deadline_seconds: float | None) -> stop_base:
