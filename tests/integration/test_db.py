@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from datetime import UTC, datetime, timedelta, timezone
 
+import pytest
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, insert, select
+from sqlalchemy.exc import OperationalError
 
-from libs.db import as_utc, make_engine, read_only, upsert_count, upsert_rows
+from libs.db import as_utc, make_engine, read_only, upsert_count, upsert_rows, wait_for_database
 
 metadata = MetaData()
 numbers = Table("numbers", metadata, Column("n", Integer, primary_key=True))
@@ -99,3 +103,18 @@ def test_stored_times_read_back_as_aware_utc():
     converted = as_utc(datetime(2026, 7, 1, 13, 30, tzinfo=lisbon_summer))
     assert converted.tzinfo is UTC and converted.hour == 12
     assert as_utc(None) is None
+
+
+def test_waiting_for_a_database_that_never_answers_retries_with_logs_then_gives_up(caplog):
+    engine = make_engine("postgresql://postgres@127.0.0.1:1/nothing", connect_args={"connect_timeout": 1})
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="libs.db"), pytest.raises(OperationalError):
+        wait_for_database(engine, timeout=1.0)
+    elapsed = time.monotonic() - started
+    retries = [r for r in caplog.records if r.getMessage() == "database not reachable; retrying"]
+    assert len(retries) >= 3
+    assert all(0 < r.__dict__["retry_in_seconds"] <= 5.0 for r in retries)
+    assert "OperationalError" in retries[0].__dict__["error"]
+    # Gives up at the first failure past the deadline: at most one delay (<= 0.8 s by then) late.
+    assert 1.0 <= elapsed < 3.0
+    engine.dispose()
