@@ -443,6 +443,7 @@ def main(argv: list[str]) -> int:
             database_url = args.database_url or f"sqlite:///{scratch}/notifier-bench-{round_number}.db"
             if args.database_url:
                 engine = make_engine(database_url)
+                repository.create_tables(engine)  # a database that never had them
                 with engine.begin() as conn:
                     conn.execute(repository.notifications.delete())
                 engine.dispose()
