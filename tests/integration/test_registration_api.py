@@ -91,6 +91,35 @@ def test_a_course_created_after_start_is_accepted_and_unknown_ones_are_not_found
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_one_request_id_shared_by_24_different_sign_ups_makes_24_registrations_all_decided(services):
+    """AIP-155: a request id deduplicates retries of one sign-up, never merges two."""
+    registration, _ = services
+    courses = ["cs101", "math201", "bio150", "hist120"]
+    sign_ups = [R.RegisterRequest(name=f"Student {i}", email=f"shared{i}@example.com", course_id=courses[i % 4],
+                                  birth_date=date_pb2.Date(year=1990, month=1 + i % 12, day=1), request_id="1")
+                for i in range(24)]
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda r: registration.Register(r, timeout=30), sign_ups))
+    ids = [reply.registration_id for reply in replies]
+    assert len(set(ids)) == 24
+    # A retry of one of them (same request id, same sign-up) is still that registration,
+    # also when the address is spelled with another case in its domain.
+    retry = R.RegisterRequest()
+    retry.CopyFrom(sign_ups[5])
+    retry.email = "shared5@EXAMPLE.com"
+    assert registration.Register(retry, timeout=30).registration_id == ids[5]
+
+    def decided() -> bool:
+        statuses = [registration.GetRegistration(R.GetRegistrationRequest(registration_id=i), timeout=10).status
+                    for i in ids]
+        return all(status != R.REGISTRATION_STATUS_PENDING for status in statuses)
+
+    helpers.wait_until(decided, timeout=60, what="all 24 sign-ups decided")
+    statuses = {registration.GetRegistration(R.GetRegistrationRequest(registration_id=i), timeout=10).status
+                for i in ids}
+    assert statuses == {R.REGISTRATION_STATUS_ENROLLED}
+
+
 def test_a_huge_email_is_refused_cheaply_with_invalid_argument(services):
     registration, _ = services
     huge = R.RegisterRequest(name="A", email="a" * 4_000_000 + "@example.com", course_id="cs101",

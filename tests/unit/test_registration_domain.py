@@ -52,6 +52,15 @@ def test_the_same_request_id_always_maps_to_the_same_registration():
     assert ids.issue() != ids.issue()
 
 
+def test_one_request_id_for_two_sign_ups_gives_two_registrations():
+    ids = RegistrationIds("secret")
+    alice = ids.issue("1", course_id="bio150", email="alice1@example.com")
+    assert alice == ids.issue("1", course_id="bio150", email="Alice1@example.com")
+    assert alice != ids.issue("1", course_id="hist120", email="alice1@example.com")
+    assert alice != ids.issue("1", course_id="bio150", email="carol2@example.com")
+    assert alice != ids.issue("2", course_id="bio150", email="alice1@example.com")
+
+
 def test_a_valid_sign_up_is_normalized():
     result = sign_up(name="  Ada   Lovelace ", email="Ada@Example.COM")
     assert result.name == "Ada Lovelace"

@@ -3,8 +3,11 @@
 An id is `reg_` + base32(16-byte nonce + 10-byte HMAC tag of the nonce). A status
 look-up can then tell an id this service issued (PENDING until decided) from one it
 never issued (NOT_FOUND) and from garbage (INVALID_ARGUMENT). With a client
-request_id the nonce is derived from it, so a retried Register maps to the same id and
-the duplicate command is absorbed downstream.
+request_id the nonce is derived from it and from the sign-up it names (the course and
+the student's address, the identity enrollment decides on): a retried Register maps to
+the same id and the duplicate command is absorbed downstream (AIP-155), while another
+sign-up sent with the same request_id, by mistake or by someone guessing it, gets an id
+of its own instead of being merged into the first and silently dropped.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import binascii
 import enum
 import hashlib
 import hmac
+import json
 import secrets
 
 PREFIX = "reg_"
@@ -35,9 +39,13 @@ class RegistrationIds:
     def _tag(self, nonce: bytes) -> bytes:
         return hmac.new(self._key, b"registration-id:" + nonce, hashlib.sha256).digest()[:_TAG]
 
-    def issue(self, request_id: str = "") -> str:
+    def issue(self, request_id: str = "", *, course_id: str = "", email: str = "") -> str:
+        """A new id; with a request_id, the same one for the same request_id, course and
+        address (compared as enrollment compares them: case-insensitively)."""
         if request_id:
-            nonce = hmac.new(self._key, b"request-id:" + request_id.encode(), hashlib.sha256).digest()[:_NONCE]
+            # JSON keeps the parts apart whatever characters a request_id holds.
+            sign_up = json.dumps([request_id, course_id, email.strip().lower()]).encode()
+            nonce = hmac.new(self._key, b"request-id:" + sign_up, hashlib.sha256).digest()[:_NONCE]
         else:
             nonce = secrets.token_bytes(_NONCE)
         raw = base64.b32encode(nonce + self._tag(nonce)).decode().rstrip("=").lower()

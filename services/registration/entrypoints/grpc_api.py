@@ -100,7 +100,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
             today,
         )
         course = await self.catalogue.course(sign_up.course_id)
-        registration_id = self.ids.issue(sign_up.request_id)
+        registration_id = self.ids.issue(sign_up.request_id, course_id=sign_up.course_id, email=sign_up.email)
         accepted = timestamp_pb2.Timestamp()
         accepted.GetCurrentTime()
         birth = date_message(sign_up.birth_date)
