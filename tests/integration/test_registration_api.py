@@ -131,6 +131,50 @@ def test_a_huge_email_is_refused_cheaply_with_invalid_argument(services):
     assert [v.field for v in violations] == ["email"]
 
 
+def test_oversized_fields_are_refused_by_length_before_any_validation_and_a_normal_call_goes_on(services,
+                                                                                                  monkeypatch):
+    """Every field is bounded before it is parsed: an address longer than 254 characters
+    never reaches email_validator (its cost grows with the input, on the event loop),
+    and a normal sign-up sent beside four 4 MB ones is accepted."""
+    registration, _ = services
+    import services.registration.domain.validation as validation
+
+    validated: list[int] = []
+    original = validation.validate_email
+
+    def counting_validate_email(address, **kwargs):
+        validated.append(len(address))
+        return original(address, **kwargs)
+
+    monkeypatch.setattr(validation, "validate_email", counting_validate_email)
+
+    def sign_up(**fields) -> R.RegisterRequest:
+        values = dict(name="A", email="a@example.org", course_id="cs101", request_id="")
+        values.update(fields)
+        return R.RegisterRequest(birth_date=date_pb2.Date(year=1990, month=1, day=1), **values)
+
+    def refused_fields(call) -> list[str]:
+        with pytest.raises(grpc.RpcError) as error:
+            call.result()
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value
+        return [v.field for v in error_details(error.value, error_details_pb2.BadRequest).field_violations]
+
+    huge = [registration.Register.future(sign_up(email="a" * 4_000_000 + "@example.com"), timeout=30)
+            for _ in range(4)]
+    normal = registration.Register.future(sign_up(email="normal@example.org"), timeout=30)
+    assert normal.result().status == R.REGISTRATION_STATUS_PENDING
+    assert [refused_fields(call) for call in huge] == [["email"]] * 4
+    for oversized, field in [(dict(email="b" * 250 + "@example.com"), "email"),
+                             (dict(name="N" * 4_000_000), "name"),
+                             (dict(course_id="c" * 4_000_000), "course_id"),
+                             (dict(request_id="r" * 4_000_000), "request_id"),
+                             (dict(locale="l" * 4_000_000), "locale")]:
+        assert refused_fields(registration.Register.future(sign_up(**oversized), timeout=30)) == [field]
+    # Only the normal address was ever looked at by email_validator (the fast path may
+    # have skipped even that one): nothing over 254 characters.
+    assert all(length <= 254 for length in validated), validated
+
+
 def error_details(error: grpc.RpcError, kind):
     status = rpc_status.from_call(error)
     assert status is not None

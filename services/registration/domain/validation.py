@@ -16,10 +16,12 @@ LOCALES = {"en", "pt-BR"}
 MIN_AGE_YEARS = 1
 MAX_AGE_YEARS = 120
 MAX_NAME = 200
-# Longer inputs are refused before any per-character work (gRPC allows 4 MB messages;
-# email_validator takes seconds over one). Generous: Unicode normalization may shorten
-# an address, and the real limits (254 characters, 64 before the @) are checked after it.
-MAX_RAW_EMAIL = 1024
+# Every field's length is checked before any per-character work: gRPC allows 4 MB
+# messages, and email_validator's cost grows with its input (seconds over 4 MB, on the
+# event loop). An address is at most 254 characters (RFC 5321's path limit), as given:
+# the input is refused by its length alone, before anything parses it.
+MAX_EMAIL = 254
+MAX_REQUEST_ID = 128
 MAX_RAW_NAME = 4 * MAX_NAME
 
 # An unquoted ASCII local part (RFC 5322 dot-atom): email_validator keeps it as written.
@@ -37,8 +39,8 @@ def normalize_email(address: str) -> str:
     without running the whole validator again (same result: the local part is kept as
     written, the domain normalized as before); everything else goes to email_validator.
     """
-    if len(address) > MAX_RAW_EMAIL:
-        raise EmailSyntaxError(f"The email address is too long (at most {MAX_RAW_EMAIL} characters are looked at).")
+    if len(address) > MAX_EMAIL:
+        raise EmailSyntaxError(f"The email address is too long (at most {MAX_EMAIL} characters).")
     local, _, domain = address.rpartition("@")
     known = _KNOWN_DOMAINS.get(domain)
     plain_local = len(local) <= 64 and _ASCII_DOT_ATOM.fullmatch(local) is not None \
@@ -103,8 +105,8 @@ def validate_sign_up(
     check_resource_id(validator, "course_id", course_id)
 
     normalized_email = ""
-    if len(email) > MAX_RAW_EMAIL:
-        validator.add("email", "is not a valid address: it is too long (at most 254 characters)")
+    if len(email) > MAX_EMAIL:
+        validator.add("email", f"must be at most {MAX_EMAIL} characters")
     elif not email.strip():
         validator.add("email", "is required")
     else:
@@ -113,8 +115,8 @@ def validate_sign_up(
         except EmailNotValidError as error:
             validator.add("email", f"is not a valid address: {error}")
 
-    if len(request_id) > 128:
-        validator.add("request_id", "must be at most 128 characters")
+    if len(request_id) > MAX_REQUEST_ID:
+        validator.add("request_id", f"must be at most {MAX_REQUEST_ID} characters")
     if locale and locale not in LOCALES:
         validator.add("locale", f"must be one of {', '.join(sorted(LOCALES))} (or empty for en)")
     validator.check()
