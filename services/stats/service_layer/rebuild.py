@@ -10,8 +10,10 @@ a late redelivery of a cancelled enrollment still cannot bring it back.
 The consumer's shard checkpoints are left alone. The operator stops the stats service
 first (the rebuild refuses to run while a worker holds a live lease, and locks the
 lease rows so none commits a batch meanwhile), rebuilds, and starts it again. The
-export reads page by page, each page committed data; an enrollment taken or cancelled
-while it runs may be missed or still be exported, but its event is still ahead of the
+export reads page by page, each page committed data (a stream that drops is resumed
+after the last page received whole, so no enrollment is copied twice or skipped); an
+enrollment taken or cancelled while it runs may be missed or still be exported, but
+its event is still ahead of the
 stopped consumer's checkpoints (the enrollment service publishes events only after
 committing), so the restarted consumer applies it. Records
 the restarted consumer reads that the rebuild already counted find their roster row by
