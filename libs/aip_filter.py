@@ -284,10 +284,14 @@ class _Compiler:
             )
         try:
             moment = datetime.fromisoformat(text.upper().replace(" ", "T"))
+            # Stored times are UTC; SQLite keeps them without an offset, so compare in
+            # UTC. A moment at the calendar's edge may have no UTC time in Python's
+            # range ("9999-12-31T23:59:59-23:59"): OverflowError.
+            return moment.astimezone(UTC)
         except ValueError:
             raise self.invalid(f"{_quote(text)} is not a valid date and time") from None
-        # Stored times are UTC; SQLite keeps them without an offset, so compare in UTC.
-        return moment.astimezone(UTC)
+        except OverflowError:
+            raise self.invalid(f"{_quote(text)} is out of range: in UTC it falls outside years 1 to 9999") from None
 
     def invalid(self, description: str) -> InvalidArgument:
         return InvalidArgument.single(self.argument, description)

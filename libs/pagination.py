@@ -4,7 +4,11 @@ A token carries the last key of the page and a digest of the request's other
 parameters, signed with HMAC; a token replayed with different parameters, or edited,
 is rejected as INVALID_ARGUMENT naming page_token. Services pass their own secret
 (`key`) so that a client reading the source cannot forge tokens; without one, a
-built-in development key is used.
+built-in development key is used. Because a key may still leak, what a token carries
+is held, even signed, to what a database can bind: text without NUL or lone
+surrogates, 64-bit integers, finite numbers (also inside a key that is itself JSON, a
+multi-column sort key); anything else is the same INVALID_ARGUMENT, never a driver's
+error turned INTERNAL.
 
 `after_keyset` turns the last key of a multi-column order into the WHERE condition of
 the next page (keyset pagination: no OFFSET, so a page costs the same deep in a list).
@@ -16,6 +20,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +31,8 @@ from libs.errors import InvalidArgument
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 DEVELOPMENT_KEY = b"course-signup-page-token-v1"
+# What a SQL BIGINT (and SQLite's INTEGER) holds.
+_SQL_INTEGER = range(-(2**63), 2**63)
 
 
 def page_size(requested: int) -> int:
@@ -56,11 +63,46 @@ def decode_token(token: str, query: object, key: bytes = DEVELOPMENT_KEY) -> str
         data = json.loads(payload)
         if not isinstance(data, dict) or not isinstance(data.get("k"), str):
             raise ValueError("bad payload")
-    except (ValueError, TypeError) as error:
+        _check_bindable(data["k"])
+        if data["k"][:1] in ("{", "["):
+            _check_bindable(json.loads(data["k"], parse_constant=_refuse_constant))
+    except (ValueError, TypeError, RecursionError) as error:
+        # ValueError covers bad base64, JSON, UTF-8 (UnicodeError) and the checks above;
+        # RecursionError, JSON nested deeper than the parser's stack.
         raise InvalidArgument.single("page_token", "not a token returned by this method") from error
     if data.get("q") != _query_digest(query):
         raise InvalidArgument.single("page_token", "the request's other parameters changed since this token")
     return str(data["k"])
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is no sort key")
+
+
+def _check_bindable(value: object) -> None:
+    """Raises ValueError unless every value in `value` can be bound as a SQL parameter."""
+    pending = [value]
+    while pending:  # iterative: no nesting exhausts the stack
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise ValueError("NUL in a token")
+            item.encode("utf-8")  # UnicodeEncodeError on a lone surrogate
+        elif isinstance(item, bool) or item is None:
+            continue
+        elif isinstance(item, int):
+            if item not in _SQL_INTEGER:
+                raise ValueError("integer out of SQL range in a token")
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise ValueError("non-finite number in a token")
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        else:
+            raise ValueError(f"unexpected {type(item).__name__} in a token")
 
 
 def after_keyset(sort_keys: Sequence[tuple[ColumnElement[Any], bool]], last: Sequence[Any]) -> ColumnElement[bool]:

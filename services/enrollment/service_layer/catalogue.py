@@ -168,6 +168,9 @@ def get_decision(engine: Engine, registration_id: str) -> Any:
         validator.add("registration_id", "is required")
     elif len(registration_id) > 64:
         validator.add("registration_id", "is too long")
+    elif any(ord(ch) < 32 or ord(ch) == 127 for ch in registration_id):
+        # PostgreSQL text cannot hold NUL, and no id issued holds a control character.
+        validator.add("registration_id", "must not contain control characters")
     validator.check()
     with read_only(engine).connect() as conn:
         row = conn.execute(select(decisions).where(decisions.c.registration_id == registration_id)).first()

@@ -51,8 +51,20 @@ class RegistrationIds:
         raw = base64.b32encode(nonce + self._tag(nonce)).decode().rstrip("=").lower()
         return PREFIX + raw
 
+    @staticmethod
+    def canonical(registration_id: str) -> str:
+        """The spelling `issue` gives an id that may have been copied in another case.
+
+        Base32 is case-insensitive, and ids travel through forms and spreadsheets that
+        change case; a look-up by another spelling must find the decision recorded under
+        the issued one (else it would answer PENDING forever)."""
+        given = registration_id.strip() if len(registration_id) <= 2 * ENCODED_LENGTH else registration_id
+        return given.lower() if given.isascii() else given
+
     def check(self, registration_id: str) -> IdCheck:
-        if len(registration_id) != ENCODED_LENGTH or not registration_id.startswith(PREFIX):
+        """Whether this exact spelling was issued (pass it through `canonical` first)."""
+        if len(registration_id) != ENCODED_LENGTH or not registration_id.startswith(PREFIX) \
+                or not registration_id.islower():
             return IdCheck.MALFORMED
         body = registration_id[len(PREFIX):].upper()
         try:

@@ -132,7 +132,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         )
 
     async def GetRegistration(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        registration_id = request.registration_id.strip()
+        registration_id = self.ids.canonical(request.registration_id)
         if not registration_id:
             raise InvalidArgument.single("registration_id", "is required")
         check = self.ids.check(registration_id)
