@@ -28,9 +28,10 @@ from libs import outbox as outbox_lib
 from libs.consumer import StreamRecord
 from libs.db import make_engine
 from libs.kinesis import OutgoingRecord, ensure_stream, kinesis_client, put_records
+from libs.worker import dispatch
 from services.enrollment.adapters.tables import decisions, metadata
 from services.enrollment.service_layer import catalogue
-from services.enrollment.service_layer.deciding import decide_batch
+from services.enrollment.service_layer.deciding import REGISTRATIONS
 from tests import helpers
 from tests.faults import command_bytes, make_applicants
 
@@ -58,7 +59,7 @@ def time_decider(url: str, capacities: dict[str, int], payloads: list[tuple[str,
     started = time.perf_counter()
     for start in range(0, len(records), batch):
         with engine.begin() as conn:
-            decide_batch(conn, records[start:start + batch], "bench-events")
+            dispatch(conn, records[start:start + batch], REGISTRATIONS, lambda base: "bench-events")
         if (start // batch) % max(1, len(records) // batch // 5) == 0:
             progress(f"batch={batch}", start + batch, len(records))
     elapsed = time.perf_counter() - started

@@ -1,1 +1,1 @@
-"""What two or more course-signup services share: config, server bootstrap, Kinesis, leases."""
+"""What two or more course-signup services share: config, the server bootstrap and service runtime, Kinesis, leases."""

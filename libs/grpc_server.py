@@ -36,12 +36,21 @@ log = logging.getLogger(__name__)
 S = TypeVar("S", bound=CommonSettings)
 
 
+# Served while a service starts: health says NOT_SERVING, reflection describes the API.
+_ALWAYS_OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns ServiceError into its status; wraps each method's handler once, then reuses it.
 
-    Unary and server-streaming methods are wrapped (the ones the protos declare)."""
+    It is also the readiness gate of every service: until `ready` is set (the service's
+    start-up finished), every method but health and reflection answers UNAVAILABLE, so no
+    servicer has to guard against parts that do not exist yet. Unary and
+    server-streaming methods are wrapped (the ones the protos declare)."""
 
-    def __init__(self) -> None:
+    def __init__(self, service: str = "service") -> None:
+        self.ready = False
+        self.starting_message = f"the {service} service is starting; retry shortly"
         # Method name -> handler (wrapped when unary-unary). Only methods the server
         # actually serves get here (unknown names resolve to None and are not kept), so
         # the map is bounded by the registered methods.
@@ -53,18 +62,21 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             handler = await continuation(details)
             if handler is None:
                 return None
+            gate = None if details.method.startswith(_ALWAYS_OPEN) else self
             if handler.unary_unary is not None:
-                handler = _wrap_unary_unary(handler, details.method)
+                handler = _wrap_unary_unary(handler, details.method, gate)
             elif handler.unary_stream is not None:
-                handler = _wrap_unary_stream(handler, details.method)
+                handler = _wrap_unary_stream(handler, details.method, gate)
             self._handlers[details.method] = handler
         return handler
 
 
-def _wrap_unary_unary(handler: Any, method: str) -> Any:
+def _wrap_unary_unary(handler: Any, method: str, gate: ErrorInterceptor | None) -> Any:
     inner = handler.unary_unary
 
     async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if gate is not None and not gate.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, gate.starting_message)
         started = time.perf_counter()
         try:
             return await inner(request, context)
@@ -80,10 +92,12 @@ def _wrap_unary_unary(handler: Any, method: str) -> Any:
     )
 
 
-def _wrap_unary_stream(handler: Any, method: str) -> Any:
+def _wrap_unary_stream(handler: Any, method: str, gate: ErrorInterceptor | None) -> Any:
     inner = handler.unary_stream
 
     async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if gate is not None and not gate.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, gate.starting_message)
         started = time.perf_counter()
         try:
             async for response in inner(request, context):
@@ -138,28 +152,12 @@ class ServiceHooks:
     # a service started by mistake fails to bind instead of silently taking a share.
     reuse_port: bool = False
 
-    @classmethod
-    def for_service(
-        cls,
-        settings: CommonSettings,
-        *,
-        name: str,
-        port: int,
-        register: Callable[[grpc.aio.Server], None],
-        service_name: str,
-        start: Callable[[], Awaitable[None]] | None = None,
-        stop: Callable[[], Awaitable[None]] | None = None,
-    ) -> ServiceHooks:
-        """Hooks with the settings every service shares (bind host, shutdown grace)."""
-        return cls(name=name, port=port, bind_host=settings.bind_host, register=register,
-                   service_names=[service_name], start=start, stop=stop,
-                   grace_seconds=settings.shutdown_grace_seconds)
-
 
 async def serve(hooks: ServiceHooks, stop_event: asyncio.Event | None = None) -> int:
     """Serves until SIGTERM/SIGINT (or stop_event); returns the process exit code."""
+    gate = ErrorInterceptor(hooks.name)
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
+        interceptors=[gate],
         options=[("grpc.so_reuseport", 1 if hooks.reuse_port else 0), ("grpc.max_concurrent_streams", 1000)],
     )
     hooks.register(server)
@@ -185,6 +183,7 @@ async def serve(hooks: ServiceHooks, stop_event: asyncio.Event | None = None) ->
     async def start_up() -> None:
         if hooks.start:
             await hooks.start()
+        gate.ready = True
         for service in ("", *hooks.service_names):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"address": address})
@@ -202,6 +201,7 @@ async def serve(hooks: ServiceHooks, stop_event: asyncio.Event | None = None) ->
     for service in ("", *hooks.service_names):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(hooks.grace_seconds)
+    gate.ready = False
     if hooks.stop:
         await hooks.stop()
     log.info("stopped")

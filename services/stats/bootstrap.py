@@ -1,28 +1,18 @@
-"""Wires the stats service: settings, database, the enrollment-events consumer, the servicer.
-
-The gRPC port opens first (health NOT_SERVING); the start hook then opens the
-database, creates the tables, waits for Kinesis and the stream, and starts the
-consumer; health turns SERVING once the consumer holds its first leases.
-"""
+"""The stats service, declared: it projects `enrollment-events` into its read model and
+answers queries over it; the runtime (libs.worker) does the rest."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 
-import grpc
 from sqlalchemy import Engine
 
 from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
-from libs import consumer as consumer_lib
-from libs.db import make_engine, wait_for_database
-from libs.errors import Unavailable
-from libs.grpc_server import ServiceHooks, in_daemon_thread, run_service
-from libs.kinesis import ENROLLMENT_EVENTS_STREAM, ensure_stream, kinesis_client, wait_for_kinesis
-from services.stats.adapters.tables import create_schema
+from libs.grpc_server import ServiceHooks, run_service
+from libs.worker import Runtime, Service, Servicer
+from services.stats.adapters.tables import metadata
 from services.stats.entrypoints.grpc_api import StatsServicer
-from services.stats.service_layer.projection import project_batch
+from services.stats.service_layer.projection import ENROLLMENT_EVENTS
 from services.stats.service_layer.rebuild import complete_older_read_model
 from services.stats.settings import StatsSettings
 
@@ -31,89 +21,31 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = stats_pb2.DESCRIPTOR.services_by_name["StatsService"].full_name
 
 
-class StatsRuntime:
-    """What the stats service opens at start and closes at stop."""
+def _upgrade_read_model(engine: Engine) -> None:
+    if complete_older_read_model(engine):
+        log.info("counted the aggregates an older version of the read model lacked")
 
-    def __init__(self, settings: StatsSettings) -> None:
-        self.settings = settings
-        self.engine: Engine | None = None
-        self.consumer: consumer_lib.StreamConsumer | None = None
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
 
-    def read_engine(self) -> Engine:
-        engine = self.engine
-        if engine is None:
-            raise Unavailable("the stats service is starting; retry shortly")
-        return engine
+def service(settings: StatsSettings) -> Service[StatsSettings]:
+    def servicers(runtime: Runtime[StatsSettings]) -> list[Servicer]:
+        assert runtime.engine is not None
+        return [Servicer(stats_pb2_grpc.add_StatsServiceServicer_to_server,
+                         StatsServicer(runtime.engine, settings.stats_page_token_secret.encode()), SERVICE_NAME)]
 
-    def start(self) -> None:
-        """Blocking start-up (run in a daemon thread); returns once the consumer is ready."""
-        settings = self.settings
-        engine = make_engine(settings.stats_database_url, idle_in_transaction_seconds=2 * settings.lease_seconds)
-        wait_for_database(engine)
-        create_schema(engine)
-        if complete_older_read_model(engine):
-            log.info("counted the aggregates an older version of the read model lacked")
-        self.engine = engine
-        client = kinesis_client(settings.aws_region, settings.aws_endpoint_url_kinesis)
-        wait_for_kinesis(client)
-        stream = settings.stream_name(ENROLLMENT_EVENTS_STREAM)
-        ensure_stream(client, stream, settings.kinesis_shard_count)
-        consumer = consumer_lib.StreamConsumer(
-            engine=engine,
-            kinesis=client,
-            stream_name=stream,
-            handler=project_batch,
-            worker_id=settings.worker_id,
-            lease_seconds=settings.lease_seconds,
-        )
-        with self._lock:
-            if self._stopping.is_set():
-                engine.dispose()
-                return
-            consumer.start()
-            self.consumer = consumer
-        # Poll rather than block, so this thread ends if the service stops during start-up.
-        while not consumer.ready.wait(0.2):
-            if self._stopping.is_set():
-                return
-        log.info("consuming", extra={"stream": stream, "worker": consumer.worker_id})
-
-    def stop(self) -> None:
-        """Finishes the batch in progress, hands back the leases, closes the database."""
-        with self._lock:
-            self._stopping.set()
-            consumer = self.consumer
-        if consumer is not None:
-            consumer.stop()
-        if self.engine is not None:
-            self.engine.dispose()
+    return Service(
+        name="stats",
+        settings=settings,
+        port=settings.stats_port,
+        servicers=servicers,
+        database_url=settings.stats_database_url,
+        schema=[metadata],
+        prepare=_upgrade_read_model,
+        consumes=[ENROLLMENT_EVENTS],
+    )
 
 
 def build_hooks(settings: StatsSettings) -> ServiceHooks:
-    runtime = StatsRuntime(settings)
-
-    def register(server: grpc.aio.Server) -> None:
-        stats_pb2_grpc.add_StatsServiceServicer_to_server(
-            StatsServicer(runtime.read_engine, settings.stats_page_token_secret.encode()), server
-        )
-
-    async def start() -> None:
-        await in_daemon_thread(runtime.start)
-
-    async def stop() -> None:
-        await asyncio.to_thread(runtime.stop)
-
-    return ServiceHooks.for_service(
-        settings,
-        name="stats",
-        port=settings.stats_port,
-        register=register,
-        service_name=SERVICE_NAME,
-        start=start,
-        stop=stop,
-    )
+    return service(settings).hooks()
 
 
 def main() -> None:

@@ -17,9 +17,10 @@ from libs import outbox as outbox_lib
 from libs.consumer import StreamRecord
 from libs.db import make_engine
 from libs.envelope import decode_envelope, new_envelope
+from libs.worker import dispatch
 from services.enrollment.adapters.tables import courses, decisions, metadata
 from services.enrollment.service_layer import catalogue
-from services.enrollment.service_layer.deciding import decide_batch
+from services.enrollment.service_layer.deciding import REGISTRATIONS
 
 
 @pytest.fixture
@@ -49,7 +50,7 @@ def records(payloads: list[bytes]) -> list[StreamRecord]:
 
 def decide(engine, payloads: list[bytes]) -> None:
     with engine.begin() as conn:
-        decide_batch(conn, records(payloads), "events")
+        dispatch(conn, records(payloads), REGISTRATIONS, lambda base: "events")
 
 
 def outcomes(engine) -> Counter[str]:
@@ -107,7 +108,7 @@ def test_unknown_courses_are_declined_and_poison_records_are_dead_lettered(engin
     with engine.connect() as conn:
         reasons = conn.execute(select(consumer_lib.dead_letters.c.reason)).scalars().all()
     assert len(reasons) == 2
-    assert any("unexpected message type" in r for r in reasons)
+    assert any("does not belong on the registrations stream" in r for r in reasons)
 
 
 def test_the_database_refuses_an_overbooked_course_whatever_the_code_does(engine):

@@ -1,14 +1,15 @@
 """Decides a batch of RegisterStudent commands inside the consumer's checkpoint transaction.
 
-The batch goes through four jobs: parse (what does not decode or validate goes to dead
-letters), load (decisions already made, the courses and their enrollees among the
+`REGISTRATIONS` declares it to the runtime (libs.worker), which decodes each record
+once and dead-letters what `parse_command` rejects. A batch then goes through three
+jobs: load (decisions already made, the courses and their enrollees among the
 batch's emails), decide (the pure capacity rule in `domain.model`, in stream order) and
-write: bulk inserts of decisions and enrollments, one executemany of conditional
-seat-count updates, and one outbox row per decision: the event, which carries what the
-notifier's email needs too (each fact is written once; stats and the notifier both
-read it). If a course's conditional update finds fewer seats than expected (capacity
-lowered meanwhile) the transaction fails and the consumer retries the batch from its
-checkpoint.
+write: bulk inserts of decisions and enrollments and one executemany of conditional
+seat-count updates; it returns one event per decision, which the runtime writes to the
+outbox in the same transaction. The event carries what the notifier's email needs
+too (each fact is written once; stats and the notifier both read it). If a course's
+conditional update finds fewer seats than expected (capacity lowered meanwhile) the
+transaction fails and the consumer retries the batch from its checkpoint.
 
 Every statement is built once at import with bound parameters (expanding IN lists),
 so a batch costs SQLAlchemy a cache lookup per statement, not a compilation: measured,
@@ -26,9 +27,10 @@ from google.type import date_pb2
 from sqlalchemy import Connection, bindparam, insert, select, update
 
 from coursesignup.events.v1 import events_pb2
-from libs.consumer import StreamRecord, decode_or_dead_letter
-from libs.envelope import MalformedRecord, decode_envelope, new_envelope
-from libs.outbox import enqueue
+from libs.consumer import StreamRecord
+from libs.envelope import MalformedRecord, new_envelope
+from libs.kinesis import ENROLLMENT_EVENTS_STREAM, REGISTRATIONS_STREAM
+from libs.worker import Consume, Event, Handle, Message
 from services.enrollment.adapters.tables import courses, decisions, enrollments
 from services.enrollment.domain.model import CourseSeats, Outcome, normalize_email
 
@@ -76,12 +78,8 @@ def _to_date(value: date_pb2.Date) -> dt.date:
     return dt.date(value.year, value.month, value.day)
 
 
-def parse_command(data: bytes) -> events_pb2.RegisterStudent:
-    """The RegisterStudent a record carries; MalformedRecord (to dead letters) otherwise."""
-    envelope = decode_envelope(data)
-    body = envelope.WhichOneof("body")
-    if body != "register_student":
-        raise MalformedRecord(f"unexpected message type {body}")
+def parse_command(envelope: events_pb2.Envelope) -> events_pb2.RegisterStudent:
+    """The RegisterStudent an envelope carries, checked; MalformedRecord (to dead letters) otherwise."""
     command = envelope.register_student
     if not command.registration_id:
         raise MalformedRecord("RegisterStudent without registration_id")
@@ -165,10 +163,8 @@ def event_for(decision: Decision, timestamp: timestamp_pb2.Timestamp) -> events_
     )
 
 
-def write_decisions(conn: Connection, decided: list[Decision], stream: str, now: dt.datetime) -> None:
-    """Records the decisions, their seats and their events in the caller's transaction."""
-    timestamp = timestamp_pb2.Timestamp()
-    timestamp.FromDatetime(now)
+def write_decisions(conn: Connection, decided: list[Decision], now: dt.datetime) -> None:
+    """Records the decisions and their seats in the caller's transaction."""
     seats_taken: dict[str, int] = {}
     enrolled = [d for d in decided if d.outcome is Outcome.ENROLLED]
     for decision in enrolled:
@@ -203,16 +199,22 @@ def write_decisions(conn: Connection, decided: list[Decision], stream: str, now:
                                            for course_id, count in sorted(seats_taken.items())])
         if taken.rowcount != len(seats_taken):
             raise SeatsChanged(sorted(seats_taken))
-    enqueue(conn, [(stream, d.command.course_id, event_for(d, timestamp).SerializeToString()) for d in decided])
 
 
-def decide_batch(conn: Connection, records: list[StreamRecord], stream: str) -> None:
-    """The consumer's batch handler; `stream` is where the decisions' events go (enrollment-events)."""
-    parsed = decode_or_dead_letter(conn, records, parse_command)
-    if not parsed:
-        return
+def decide(conn: Connection, messages: list[Message[events_pb2.RegisterStudent]]) -> list[Event]:
+    """Decides a run of sign-ups; returns their events (to enrollment-events, keyed by course)."""
+    parsed = [(message.record, message.body) for message in messages]
     already, seats = load_seats(conn, [command for _, command in parsed])
     decided = decide_all(parsed, already, seats)
-    if decided:
-        write_decisions(conn, decided, stream, dt.datetime.now(dt.UTC))
-    log.debug("batch decided", extra={"decided": len(decided), "records": len(records)})
+    if not decided:
+        return []
+    now = dt.datetime.now(dt.UTC)
+    write_decisions(conn, decided, now)
+    timestamp = timestamp_pb2.Timestamp()
+    timestamp.FromDatetime(now)
+    log.debug("batch decided", extra={"decided": len(decided), "records": len(messages)})
+    return [Event(ENROLLMENT_EVENTS_STREAM, d.command.course_id, event_for(d, timestamp)) for d in decided]
+
+
+# What the enrollment service consumes: the sign-ups, each decided by the shard's one writer.
+REGISTRATIONS = Consume(REGISTRATIONS_STREAM, {"register_student": Handle(decide, parse_command)})

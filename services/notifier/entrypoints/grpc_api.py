@@ -10,7 +10,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from coursesignup.notifier.v1 import notifier_pb2, notifier_pb2_grpc
-from libs.errors import InvalidArgument, Unavailable
+from libs.errors import InvalidArgument
 from libs.proto_time import timestamp
 from services.notifier.adapters.repository import NotificationStore
 from services.notifier.domain.model import DeliveryStatus, NotificationView
@@ -44,10 +44,9 @@ def _to_proto(view: NotificationView) -> notifier_pb2.Notification:
 class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
     def __init__(
         self,
-        store: Callable[[], NotificationStore | None],
-        stats: Callable[[], Awaitable[DeliveryStats | None]],
+        store: NotificationStore,
+        stats: Callable[[], Awaitable[DeliveryStats]],
     ) -> None:
-        # The store and the figures exist once the service's start-up made the engine and sender.
         self._store = store
         self._stats = stats
 
@@ -63,18 +62,13 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             )
         if "\x00" in registration_id:
             raise InvalidArgument.single("registration_id", "must not contain NUL characters")
-        store = self._store()
-        if store is None:
-            raise Unavailable("the notifier is starting; try again shortly")
-        views = await asyncio.to_thread(store.list_for_registration, registration_id)
+        views = await asyncio.to_thread(self._store.list_for_registration, registration_id)
         return notifier_pb2.ListNotificationsResponse(notifications=[_to_proto(view) for view in views])
 
     async def GetDeliveryStats(
         self, request: notifier_pb2.GetDeliveryStatsRequest, context: grpc.aio.ServicerContext
     ) -> notifier_pb2.GetDeliveryStatsResponse:
         stats = await self._stats()
-        if stats is None:
-            raise Unavailable("the notifier is starting; try again shortly")
         counters, queue = stats.counters, stats.queue
         age = duration_pb2.Duration()
         age.FromMilliseconds(round(queue.oldest_pending_seconds * 1000))

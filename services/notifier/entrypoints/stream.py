@@ -1,4 +1,4 @@
-"""The stream entrypoints: which facts call for an email, as the StreamConsumers' batch handlers.
+"""The stream entrypoints: which facts call for an email, declared to the runtime (libs.worker).
 
 The notifier is a second consumer application of two streams that other services
 already read (a standard Kinesis fan-out, with its own leases and checkpoints):
@@ -6,7 +6,8 @@ already read (a standard Kinesis fan-out, with its own leases and checkpoints):
 decision: enrolled, class full, already enrolled). Each fact is written once, by its
 producer, and no email depends on a second record. The handlers run inside the
 consumer's checkpoint transaction and only record notifications; they never talk to
-SMTP, so the checkpoint never waits for email. Undecodable or incomplete records go to
+SMTP, so the checkpoint never waits for email. The runtime decodes each record once;
+records that do not decode, or that the parse functions here find incomplete, go to
 dead letters.
 """
 
@@ -15,8 +16,9 @@ from __future__ import annotations
 from sqlalchemy import Connection
 
 from coursesignup.events.v1 import events_pb2
-from libs.consumer import StreamRecord, decode_or_dead_letter
-from libs.envelope import MalformedRecord, decode_envelope
+from libs.envelope import MalformedRecord
+from libs.kinesis import ENROLLMENT_EVENTS_STREAM, REGISTRATIONS_STREAM
+from libs.worker import Consume, Handle, Message
 from services.notifier.domain.model import Notification, NotificationKind
 from services.notifier.service_layer import handlers
 
@@ -46,36 +48,31 @@ MAX_COURSE_ID_CHARS = 128
 MAX_LOCALE_CHARS = 16
 
 
-def received_notification(data: bytes) -> Notification:
-    """The "received" email a registrations record calls for; MalformedRecord if it cannot be sent."""
-    envelope = decode_envelope(data)
-    body = envelope.WhichOneof("body")
-    if body != "register_student":
-        raise MalformedRecord(f"unexpected {body} on the registrations stream")
+def received_notification(envelope: events_pb2.Envelope) -> Notification:
+    """The "received" email a sign-up calls for; MalformedRecord if it cannot be sent."""
     command = envelope.register_student
-    return _notification(NotificationKind.RECEIVED, body, command.registration_id, command.email, command.name,
-                         command.course_id, command.course_name, command.locale)
+    return _notification(NotificationKind.RECEIVED, "register_student", command.registration_id, command.email,
+                         command.name, command.course_id, command.course_name, command.locale)
 
 
-def decision_notification(data: bytes) -> Notification | None:
-    """The email an enrollment-events record calls for (None: no email); MalformedRecord if it cannot be sent."""
-    envelope = decode_envelope(data)
-    body = envelope.WhichOneof("body")
-    if body == "student_enrolled":
-        event = envelope.student_enrolled
-        return _notification(NotificationKind.ENROLLED, body, event.registration_id,
-                             event.contact_email or event.email, event.name, event.course_id, event.course_name,
-                             event.locale)
-    if body == "registration_declined":
-        declined = envelope.registration_declined
-        if declined.reason not in _DECLINED_KIND:
-            raise MalformedRecord(f"registration_declined with unknown reason {declined.reason}")
-        kind = _DECLINED_KIND[declined.reason]
-        if kind is None:
-            return None
-        return _notification(kind, body, declined.registration_id, declined.contact_email, declined.name,
-                             declined.course_id, declined.course_name, declined.locale)
-    raise MalformedRecord(f"unexpected {body} on the enrollment-events stream")
+def enrolled_notification(envelope: events_pb2.Envelope) -> Notification:
+    """The "enrolled" email; MalformedRecord if it cannot be sent."""
+    event = envelope.student_enrolled
+    return _notification(NotificationKind.ENROLLED, "student_enrolled", event.registration_id,
+                         event.contact_email or event.email, event.name, event.course_id, event.course_name,
+                         event.locale)
+
+
+def declined_notification(envelope: events_pb2.Envelope) -> Notification | None:
+    """The email a declined registration calls for (None: no email); MalformedRecord if it cannot be sent."""
+    declined = envelope.registration_declined
+    if declined.reason not in _DECLINED_KIND:
+        raise MalformedRecord(f"registration_declined with unknown reason {declined.reason}")
+    kind = _DECLINED_KIND[declined.reason]
+    if kind is None:
+        return None
+    return _notification(kind, "registration_declined", declined.registration_id, declined.contact_email,
+                         declined.name, declined.course_id, declined.course_name, declined.locale)
 
 
 def _notification(kind: NotificationKind, body: str, registration_id: str, email: str, name: str, course_id: str,
@@ -105,13 +102,14 @@ def _identifier(value: str, body: str, field: str, max_chars: int, required: boo
     return value
 
 
-def handle_registrations(conn: Connection, records: list[StreamRecord]) -> None:
-    _record(conn, decode_or_dead_letter(conn, records, received_notification))
+def record(conn: Connection, messages: list[Message[Notification | None]]) -> None:
+    """Records the notifications a run of messages calls for (the sender sends them after commit)."""
+    handlers.record_notifications(conn, [message.body for message in messages if message.body is not None])
 
 
-def handle_enrollment_events(conn: Connection, records: list[StreamRecord]) -> None:
-    _record(conn, decode_or_dead_letter(conn, records, decision_notification))
-
-
-def _record(conn: Connection, decoded: list[tuple[StreamRecord, Notification | None]]) -> None:
-    handlers.record_notifications(conn, [notification for _, notification in decoded if notification is not None])
+# The notifier is a second consumer application of both streams (a Kinesis fan-out).
+REGISTRATIONS = Consume(REGISTRATIONS_STREAM, {"register_student": Handle(record, received_notification)})
+ENROLLMENT_EVENTS = Consume(ENROLLMENT_EVENTS_STREAM, {
+    "student_enrolled": Handle(record, enrolled_notification),
+    "registration_declined": Handle(record, declined_notification),
+})

@@ -49,7 +49,6 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         self.catalogue = catalogue
         self.enrollment = enrollment
         self.commands = commands
-        self.ready = False
         # Admission: Register calls in progress in this process, and the limit beyond
         # which new ones are answered RESOURCE_EXHAUSTED (with RetryInfo) at once, so
         # overload is the service's decision, not HTTP/2 refusing streams.
@@ -85,8 +84,6 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         )
 
     async def _register(self, request: Any) -> Any:
-        if not self.ready:
-            raise Unavailable("starting up; retry shortly")
         today = dt.datetime.now(dt.UTC).date()
         sign_up = validate_sign_up(
             request.name,

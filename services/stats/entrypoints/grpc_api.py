@@ -9,7 +9,6 @@ leaves them out).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from datetime import UTC, date, datetime
 from typing import TypeAlias
 
@@ -40,9 +39,7 @@ _VIEWS: dict[int, bool] = {
 
 
 class StatsServicer(stats_pb2_grpc.StatsServiceServicer):
-    def __init__(self, engine: Callable[[], Engine], page_token_key: bytes) -> None:
-        # A callable, because the database is opened by the start hook, after the
-        # servicer is registered; it raises Unavailable until then.
+    def __init__(self, engine: Engine, page_token_key: bytes) -> None:
         self._engine = engine
         self._page_token_key = page_token_key
 
@@ -86,7 +83,7 @@ class StatsServicer(stats_pb2_grpc.StatsServiceServicer):
         listing = _listing(validator, request)
         validator.check()
         page = await asyncio.to_thread(
-            queries.query_course_stats, self._engine(), listing, self._page_token_key
+            queries.query_course_stats, self._engine, listing, self._page_token_key
         )
         return stats_pb2.QueryCourseStatsResponse(
             course_stats=[
@@ -113,7 +110,7 @@ class StatsServicer(stats_pb2_grpc.StatsServiceServicer):
         listing = _listing(validator, request)
         validator.check()
         page = await asyncio.to_thread(
-            queries.list_enrollments, self._engine(), request.course_id, listing, self._page_token_key
+            queries.list_enrollments, self._engine, request.course_id, listing, self._page_token_key
         )
         return stats_pb2.ListEnrollmentsResponse(
             enrollments=[
@@ -134,7 +131,7 @@ class StatsServicer(stats_pb2_grpc.StatsServiceServicer):
     async def _age_stats(
         self, name: str, scope: str, as_of: date, with_histogram: bool
     ) -> stats_pb2.AgeStats:
-        stats = await asyncio.to_thread(views.age_stats, self._engine(), scope, as_of, with_histogram)
+        stats = await asyncio.to_thread(views.age_stats, self._engine, scope, as_of, with_histogram)
         metrics = stats.metrics
         return stats_pb2.AgeStats(
             scope=name,

@@ -26,9 +26,10 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Table, delete, func, select, tuple_, update
 
 from coursesignup.events.v1 import events_pb2
-from libs.consumer import StreamRecord, decode_or_dead_letter
 from libs.db import upsert_rows
-from libs.envelope import MalformedRecord, decode_envelope
+from libs.envelope import MalformedRecord
+from libs.kinesis import ENROLLMENT_EVENTS_STREAM
+from libs.worker import Consume, Handle, Message
 from services.stats.adapters.tables import (
     AGGREGATE_TABLES,
     BIRTH_MONTHS,
@@ -54,23 +55,9 @@ BucketKey = tuple[str, date]
 T = TypeVar("T")
 
 
-def decode_event(data: bytes) -> StudentEnrolled | None:
-    """The enrollment an enrollment-events record carries; None for events without stats impact.
-
-    Raises MalformedRecord (a ValueError, so the record goes to dead letters) for bytes
-    that are not an envelope, messages that do not belong on this stream, and
-    enrollments missing what the read model needs. Reasons never quote personal data.
-    """
-    envelope = decode_envelope(data)
-    kind = envelope.WhichOneof("body")
-    if kind == "registration_declined":
-        return None  # a declined registration adds no student
-    if kind != "student_enrolled":
-        raise MalformedRecord(f"a {kind} message does not belong on the enrollment-events stream")
-    return _student_enrolled(envelope)
-
-
-def _student_enrolled(envelope: events_pb2.Envelope) -> StudentEnrolled:
+def parse_enrolled(envelope: events_pb2.Envelope) -> StudentEnrolled:
+    """The enrollment a student_enrolled event carries; MalformedRecord (to dead letters)
+    when it lacks what the read model needs. Reasons never quote personal data."""
     event = envelope.student_enrolled
     missing = [
         name
@@ -95,18 +82,18 @@ def _student_enrolled(envelope: events_pb2.Envelope) -> StudentEnrolled:
     )
 
 
-def project_batch(conn: Connection, records: list[StreamRecord]) -> None:
-    """The consumer's batch handler: decode, dead-letter what cannot be read, apply the rest."""
-    enrollments = [
-        event
-        for _, event in decode_or_dead_letter(conn, records, decode_event)
-        if event is not None
-    ]
-    applied = add_enrollments(conn, enrollments)
-    log.debug(
-        "batch projected",
-        extra={"records": len(records), "enrollments": len(enrollments), "applied": applied},
-    )
+def project(conn: Connection, messages: list[Message[StudentEnrolled]]) -> None:
+    """Applies a run of enrollments (the runtime decoded them and dead-lettered the rest)."""
+    applied = add_enrollments(conn, [message.body for message in messages])
+    log.debug("batch projected", extra={"enrollments": len(messages), "applied": applied})
+
+
+# What the stats service consumes: enrollments move the counts; a declined registration adds no student.
+ENROLLMENT_EVENTS = Consume(
+    ENROLLMENT_EVENTS_STREAM,
+    {"student_enrolled": Handle(project, parse_enrolled)},
+    ignore=frozenset({"registration_declined"}),
+)
 
 
 def add_enrollments(conn: Connection, events: Iterable[StudentEnrolled]) -> int:

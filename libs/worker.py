@@ -1,0 +1,300 @@
+"""The one service runtime: a service declares what it is, this runs it.
+
+A service module builds a `Service`: its settings, port and gRPC servicers, its
+database and schema, the streams it consumes (one `Handle` per envelope message type)
+and the streams it publishes to. `Service.hooks()` gives the shared server bootstrap
+(`libs.grpc_server.serve`) the whole start-up and shutdown, written once here for
+every service:
+
+start   engine → wait for the database → schema (the service's tables, plus the lease
+        and dead-letter tables when it consumes, the outbox when it publishes events) →
+        `prepare` (seeds, read-model upgrades) → Kinesis client → wait for Kinesis →
+        every stream it reads or writes exists → outbox relay → the service's own
+        parts (`Runtime.on_start`) → one lease consumer per consumed stream → ready
+        (health SERVING, and the server's readiness gate opens for every method)
+stop    (after the server stopped taking calls) consumers finish and checkpoint their
+        batch and hand back their leases → the service's parts, in reverse → relay →
+        engine closed. A stop during start-up stops what was started.
+
+Consumption: each record's envelope is decoded once, here. What does not decode, or
+whose message type the service did not declare for that stream, or whose `Handle.parse`
+raises `MalformedRecord`, goes to dead letters in the batch's transaction; message types
+declared in `Consume.ignore` are skipped. The rest is dispatched in stream order as
+runs of messages with one handler, each run to that handler with the batch's transaction (the
+unit of work: the handler's writes commit with the shard checkpoint, under the lease's
+fencing token). A handler returns the domain events its decisions produced; they are
+written to the outbox in the same transaction and published by the relay after commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import grpc
+from sqlalchemy import Connection, Engine, MetaData
+
+from coursesignup.events.v1 import events_pb2
+from libs import consumer as consumer_lib
+from libs import outbox as outbox_lib
+from libs.config import CommonSettings
+from libs.consumer import StreamRecord, decode_or_dead_letter
+from libs.db import ensure_schema, make_engine, wait_for_database
+from libs.envelope import MalformedRecord, decode_envelope
+from libs.grpc_server import ServiceHooks, in_daemon_thread
+from libs.kinesis import ensure_stream, kinesis_client, wait_for_kinesis
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=CommonSettings)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Message(Generic[T]):
+    """One record of a consumed stream, decoded: what a handler receives."""
+
+    record: StreamRecord
+    envelope: events_pb2.Envelope
+    body: T
+
+
+@dataclass(frozen=True)
+class Event:
+    """A domain event a handler produced: published to `stream` (its base name) after commit."""
+
+    stream: str
+    partition_key: str
+    envelope: events_pb2.Envelope
+
+
+BatchHandler = Callable[[Connection, list[Message[Any]]], Iterable[Event] | None]
+
+
+def _body(kind: str) -> Callable[[events_pb2.Envelope], Any]:
+    return lambda envelope: getattr(envelope, kind)
+
+
+@dataclass(frozen=True)
+class Handle:
+    """What a service does with one message type: `parse` checks and converts the body
+    (raise MalformedRecord: the record goes to dead letters; default: the protobuf body
+    as it is), then `handler` gets the batch's run of such messages."""
+
+    handler: BatchHandler
+    parse: Callable[[events_pb2.Envelope], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Consume:
+    """A stream a service reads (base name), with one Handle per envelope message type."""
+
+    stream: str
+    handlers: Mapping[str, Handle]
+    # Message types that belong on the stream but mean nothing to this service.
+    ignore: frozenset[str] = frozenset()
+    batch_size: int = 1000
+
+
+def dispatch(conn: Connection, records: list[StreamRecord], consume: Consume,
+             stream_name: Callable[[str], str] = str, *, publish: bool = True) -> None:
+    """Decodes a batch once, dead-letters what cannot be handled, and hands the rest to the
+    handlers in stream order; the events they return go to the outbox in `conn`."""
+
+    def decode(data: bytes) -> tuple[str, events_pb2.Envelope, Any] | None:
+        envelope = decode_envelope(data)
+        kind = envelope.WhichOneof("body") or ""  # decode_envelope refuses an envelope without one
+        if kind in consume.ignore:
+            return None
+        handle = consume.handlers.get(kind)
+        if handle is None:
+            raise MalformedRecord(f"a {kind} message does not belong on the {consume.stream} stream")
+        return kind, envelope, (handle.parse or _body(kind))(envelope)
+
+    # Consecutive messages with the same handler form one run (one call, one set of
+    # statements), so runs keep the stream order even across message types.
+    runs: list[tuple[BatchHandler, list[Message[Any]]]] = []
+    for record, decoded in decode_or_dead_letter(conn, records, decode):
+        if decoded is None:
+            continue
+        kind, envelope, body = decoded
+        handler = consume.handlers[kind].handler
+        message = Message(record, envelope, body)
+        if runs and runs[-1][0] is handler:
+            runs[-1][1].append(message)
+        else:
+            runs.append((handler, [message]))
+    events: list[Event] = []
+    for handler, messages in runs:
+        events.extend(handler(conn, messages) or ())
+    if events:
+        if not publish:
+            raise RuntimeError(f"a handler of {consume.stream} returned events, but the service publishes none")
+        outbox_lib.enqueue(conn, [(stream_name(e.stream), e.partition_key, e.envelope.SerializeToString())
+                                  for e in events])
+
+
+@dataclass(frozen=True)
+class Servicer:
+    """A gRPC servicer and the generated function that adds it to a server."""
+
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    # Full proto service name, for health and reflection.
+    name: str
+
+
+@dataclass
+class Runtime(Generic[S]):
+    """What a running service holds; the service's builders receive it."""
+
+    settings: S
+    engine: Engine | None
+    kinesis: Any
+    relay: outbox_lib.OutboxRelay | None = None
+    consumers: list[consumer_lib.StreamConsumer] = field(default_factory=list)
+    _starts: list[Callable[[], Any]] = field(default_factory=list)
+    _stops: list[Callable[[], Any]] = field(default_factory=list)
+    _after_commit: list[Callable[[], None]] = field(default_factory=list)
+
+    def stream_name(self, base: str) -> str:
+        return self.settings.stream_name(base)
+
+    def on_start(self, start: Callable[[], Any]) -> None:
+        """Runs `start` (sync or async) once the streams exist, before the consumers start."""
+        self._starts.append(start)
+
+    def on_stop(self, stop: Callable[[], Any]) -> None:
+        """Runs `stop` (sync or async) after the consumers stopped; stops run in reverse order."""
+        self._stops.append(stop)
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Calls `callback` (from a consumer thread) after each batch commits."""
+        self._after_commit.append(callback)
+
+    def _committed(self) -> None:
+        for callback in self._after_commit:
+            callback()
+
+
+@dataclass
+class Service(Generic[S]):
+    """A service, declared."""
+
+    name: str
+    settings: S
+    port: int
+    # Builds the servicers, inside the server's event loop (asyncio channels can be made
+    # there); may register the service's own parts with runtime.on_start / on_stop.
+    servicers: Callable[[Runtime[S]], Sequence[Servicer]]
+    database_url: str | None = None
+    schema: Sequence[MetaData] = ()
+    # Blocking work after the schema, before Kinesis (seed data, read-model upgrades).
+    prepare: Callable[[Engine], None] | None = None
+    consumes: Sequence[Consume] = ()
+    # Streams written to: created at start; events returned by handlers go through the outbox.
+    publishes: Sequence[str] = ()
+    kinesis_connections: int = 20
+    # SO_REUSEPORT, for several processes of one service on one port.
+    reuse_port: bool = False
+
+    def hooks(self) -> ServiceHooks:
+        settings = self.settings
+        engine = None
+        if self.database_url is not None:
+            engine = make_engine(self.database_url, idle_in_transaction_seconds=2 * settings.lease_seconds)
+        runtime = Runtime(settings, engine,
+                          kinesis_client(settings.aws_region, settings.aws_endpoint_url_kinesis,
+                                         max_pool_connections=self.kinesis_connections))
+        names: list[str] = []
+        runner = _Runner(self, runtime)
+
+        def register(server: grpc.aio.Server) -> None:
+            for servicer in self.servicers(runtime):
+                servicer.add_to_server(servicer.servicer, server)
+                names.append(servicer.name)
+
+        hooks = ServiceHooks(name=self.name, port=self.port, bind_host=settings.bind_host, register=register,
+                             service_names=names, start=runner.start, stop=runner.stop,
+                             grace_seconds=settings.shutdown_grace_seconds)
+        hooks.reuse_port = self.reuse_port
+        return hooks
+
+
+class _Runner:
+    """Starts and stops one service's runtime in the documented order."""
+
+    def __init__(self, service: Service[Any], runtime: Runtime[Any]) -> None:
+        self.service = service
+        self.runtime = runtime
+        self._started_parts = 0
+
+    async def start(self) -> None:
+        service, runtime = self.service, self.runtime
+        engine = runtime.engine
+        if engine is not None:
+            metadatas = list(service.schema)
+            if service.consumes:
+                metadatas.append(consumer_lib.metadata)
+            if service.publishes:
+                metadatas.append(outbox_lib.metadata)
+            await in_daemon_thread(wait_for_database, engine)
+            await in_daemon_thread(functools.partial(ensure_schema, engine, *metadatas))
+            if service.prepare is not None:
+                await in_daemon_thread(service.prepare, engine)
+        kinesis = runtime.kinesis
+        await in_daemon_thread(wait_for_kinesis, kinesis)
+        streams = dict.fromkeys([*(c.stream for c in service.consumes), *service.publishes])
+        for base in streams:
+            await in_daemon_thread(ensure_stream, kinesis, runtime.stream_name(base),
+                                   runtime.settings.kinesis_shard_count)
+        if engine is not None and service.publishes:
+            runtime.relay = outbox_lib.OutboxRelay(engine, kinesis)
+            runtime.relay.start()
+            runtime._after_commit.insert(0, runtime.relay.wake)
+        for start in runtime._starts:
+            await _call(start)
+            self._started_parts += 1
+        for consume in service.consumes:
+            assert engine is not None, "a service that consumes a stream needs a database"
+            handler = functools.partial(dispatch, consume=consume, stream_name=runtime.stream_name,
+                                        publish=bool(service.publishes))
+            consumer = consumer_lib.StreamConsumer(
+                engine=engine, kinesis=kinesis, stream_name=runtime.stream_name(consume.stream), handler=handler,
+                worker_id=runtime.settings.worker_id, lease_seconds=runtime.settings.lease_seconds,
+                batch_size=consume.batch_size, on_commit=runtime._committed,
+            )
+            await asyncio.to_thread(consumer.start)
+            runtime.consumers.append(consumer)
+        # Polled, not waited in a thread, so a stop during start-up is not stuck behind it.
+        while not all(consumer.ready.is_set() for consumer in runtime.consumers):
+            await asyncio.sleep(0.05)
+        log.info("started", extra={"service": service.name,
+                                   "consumes": [runtime.stream_name(c.stream) for c in service.consumes],
+                                   "publishes": [runtime.stream_name(s) for s in service.publishes]})
+
+    async def stop(self) -> None:
+        runtime = self.runtime
+        for consumer in runtime.consumers:
+            await asyncio.to_thread(consumer.stop)
+        for stop in reversed(runtime._stops):
+            try:
+                await _call(stop)
+            except Exception:  # noqa: BLE001 - the other parts still stop
+                log.exception("a part failed to stop", extra={"service": self.service.name})
+        if runtime.relay is not None:
+            await asyncio.to_thread(runtime.relay.stop)
+        if runtime.engine is not None:
+            runtime.engine.dispose()
+
+
+async def _call(function: Callable[[], Any]) -> None:
+    result = function()
+    if inspect.isawaitable(result):
+        await result
+
