@@ -21,6 +21,26 @@ const server = kinesalite({
   updateStreamMs: 0,
   shardLimit,
 });
+
+// kinesalite's request handler rethrows any error of the request it reads
+// (`req.on('error', function(err) { throw err })`): a client that hangs up in the
+// middle of a request (ECONNRESET, "aborted": a killed process, a timeout) would kill
+// this process, and with it every process of `make run`. Each request gets that
+// handler's listeners, then its own error handler in place of the rethrow: the request
+// is dropped, the server goes on. node_modules is installed fresh by `npm ci`, so the
+// fix lives here rather than in a patched copy.
+const [handleRequest] = server.listeners('request');
+server.removeAllListeners('request');
+server.on('request', (req, res) => {
+  handleRequest(req, res);
+  req.removeAllListeners('error');
+  req.on('error', (error) => {
+    console.error(`kinesalite: request dropped: ${error.code || error.message}`);
+    res.destroy();
+  });
+  res.on('error', (error) => console.error(`kinesalite: response dropped: ${error.code || error.message}`));
+});
+
 server.listen(port, '127.0.0.1', (error) => {
   if (error) {
     console.error(`kinesalite: cannot listen on 127.0.0.1:${port}: ${error.message}`);
