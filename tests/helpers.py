@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import os
 import pathlib
 import socket
@@ -73,6 +75,25 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def partition_key_per_shard(client: Any, stream: str) -> dict[str, str]:
+    """A partition key landing on each open shard of `stream` (Kinesis and kinesalite put a
+    record on the shard whose hash key range holds the MD5 of its key), by shard id: to
+    send a marker record down every shard, behind what is already on it."""
+    shards = [s for s in client.list_shards(StreamName=stream)["Shards"]
+              if "EndingSequenceNumber" not in s["SequenceNumberRange"]]
+    keys: dict[str, str] = {}
+    for index in itertools.count():
+        key = f"marker-{index}"
+        hashed = int(hashlib.md5(key.encode()).hexdigest(), 16)  # noqa: S324 - Kinesis's hash, not security
+        for shard in shards:
+            hash_range = shard["HashKeyRange"]
+            if int(hash_range["StartingHashKey"]) <= hashed <= int(hash_range["EndingHashKey"]):
+                keys.setdefault(shard["ShardId"], key)
+        if len(keys) == len(shards):
+            return keys
+    raise AssertionError("unreachable")
 
 
 def wait_serving(port: int, timeout: float, check_alive: Callable[[], None]) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import pytest
 
+from coursesignup.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 from coursesignup.registration.v1 import registration_pb2, registration_pb2_grpc
 from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from libs.db import make_engine
@@ -91,6 +92,26 @@ def check_emails(smtp: Any, registration_ids: set[str]) -> None:
     kinds_per_registration = Counter(rid for rid, _ in sent)
     assert set(kinds_per_registration.values()) == {2}, "one received and one decision email each"
     assert sum(1 for _, kind in sent if kind == "received") == len(registration_ids)
+
+
+def sign_up_markers(registration_target: str, course_ids: list[str]) -> tuple[list[Applicant], dict[int, str]]:
+    """One marker sign-up per course, under a fresh email. Registration puts the command and
+    enrollment its decision event under the course as partition key, so each marker travels
+    the shards of its course's earlier sign-ups on both streams, behind them."""
+    markers = [Applicant(f"Marker {course_id}", f"marker-{course_id}-{uuid.uuid4().hex[:6]}@example.com",
+                         dt.date(1990, 1, 1), course_id, request_id=str(uuid.uuid4()))
+               for course_id in course_ids]
+    result = faults.register_all(registration_target, markers)
+    assert not result.failures and len(result.accepted) == len(markers), result.failures
+    return markers, result.accepted
+
+
+def notifier_drained(notifier_target: str) -> bool:
+    """Nothing pending and no send in progress at the notifier."""
+    with grpc.insecure_channel(notifier_target) as channel:
+        stats = notifier_pb2_grpc.NotifierServiceStub(channel).GetDeliveryStats(
+            notifier_pb2.GetDeliveryStatsRequest(), timeout=10)
+    return stats.pending_count == 0 and stats.in_flight == 0
 
 
 def test_chaos_workers_killed_and_database_connections_cut_nothing_overbooked_lost_or_doubled(
@@ -167,8 +188,23 @@ def test_chaos_workers_killed_and_database_connections_cut_nothing_overbooked_lo
                 return len(smtp.messages)
 
         wait_for(lambda: emails_sent() >= 2 * len(registration_ids), timeout=400, what="every email", interval=2)
-        time.sleep(2)  # a duplicate would arrive now
-        check_emails(smtp, registration_ids)
+        # A duplicate email would come from a command or an event delivered twice. Every event
+        # is on its stream once the outbox is empty (a relay killed after publishing publishes
+        # its rows again when their claim lapses); then a marker sign-up per course follows the
+        # same partition keys on both streams. Once the notifier sent both of each marker's
+        # emails it has recorded whatever came before them, and once nothing is pending or
+        # being sent, any duplicate among those would have reached the server.
+        wait_for(lambda: scalar(engine, "SELECT count(*) FROM outbox") == 0, 120, "every event published")
+        _, marked = sign_up_markers(mesh.target("registration"), sorted(capacities))
+        marker_ids = set(marked.values())
+
+        def marker_emails() -> int:
+            with smtp.lock:
+                return sum(1 for m in smtp.messages if m["X-Course-Signup-Registration"] in marker_ids)
+
+        wait_for(lambda: marker_emails() == 2 * len(marker_ids), 120, "both emails of every marker")
+        wait_for(lambda: notifier_drained(mesh.target("notifier")), 60, "the notifier to have nothing pending")
+        check_emails(smtp, registration_ids | marker_ids)
         engine.dispose()
         stats_engine.dispose()
 
@@ -325,20 +361,32 @@ def test_a_worker_paused_past_its_lease_cannot_commit_after_another_took_its_sha
                 registration_ids = set(result.accepted.values())
                 wait_for(lambda: scalar(engine, "SELECT count(*) FROM decisions") == len(registration_ids),
                          120, "every registration decided")
-                time.sleep(2 * lease_seconds)  # the resumed worker gets its chance to try
+                # The resumed worker gets its chance to try: it has run again once it logs losing
+                # its leases (its lease thread wakes with the readers holding its stale batches).
+                # Then a marker sign-up per course follows every shard's records: once all are
+                # decided, every shard was read and committed past the batches it had in hand.
+                wait_for(lambda: "lease lost" in mesh.log_tail("paused", 400), 30,
+                         "the resumed worker to find its leases lost")
+                markers, marked = sign_up_markers(mesh.target("registration"), sorted(capacities))
+                wait_for(lambda: scalar(engine, "SELECT count(*) FROM decisions")
+                         == len(registration_ids) + len(markers), 120, "every marker decided")
                 monitor.sample()
             takeovers: dict[str, float] = {}
             for (shard_id, _counter), (owner, seen) in monitor.lease_history.items():
                 if owner not in (None, "paused") and seen > stopped_at["at"]:
                     takeovers[shard_id] = min(seen, takeovers.get(shard_id, seen))
             assert takeovers, "the live worker took the paused worker's shards"
-            late = rows(engine, "SELECT shard_id, decide_time FROM decisions WHERE worker_id = 'paused'")
-            for shard_id, decide_time in late:
-                if shard_id in takeovers:
+            # The markers came after the resume: the resumed worker may decide them under new leases.
+            marker_ids = set(marked.values())
+            late = rows(engine, "SELECT shard_id, decide_time, registration_id FROM decisions "
+                                "WHERE worker_id = 'paused'")
+            for shard_id, decide_time, registration_id in late:
+                if shard_id in takeovers and registration_id not in marker_ids:
                     assert decide_time.timestamp() < takeovers[shard_id] + 0.5, (shard_id, decide_time)
             assert monitor.checkpoint_regressions == []
             assert monitor.overbooked == []
             assert resumed_at > stopped_at["at"] + lease_seconds
-            check_decisions(engine, applicants, result.accepted, capacities)
+            check_decisions(engine, applicants + markers,
+                            {**result.accepted, **{len(applicants) + i: r for i, r in marked.items()}}, capacities)
             assert "lease lost" in mesh.log_tail("paused", 400)
             engine.dispose()

@@ -15,7 +15,7 @@ from libs.config import CommonSettings
 from libs.db import make_engine
 from libs.envelope import decode_envelope, new_envelope
 from libs.kinesis import OutgoingRecord, ensure_stream, kinesis_client, put_records
-from tests.helpers import wait_until
+from tests.helpers import partition_key_per_shard, wait_until
 
 seen_metadata = MetaData()
 seen = Table("seen", seen_metadata, Column("message_id", String(64), primary_key=True),
@@ -59,7 +59,10 @@ def test_every_record_is_applied_once_and_poison_goes_to_dead_letters(kinesis_en
         assert len(worker.held_shards()) == 3
     finally:
         worker.stop()
-    # The checkpoints committed with the effects: a new worker re-applies nothing.
+    # The checkpoints committed with the effects: a new worker re-applies nothing. A marker
+    # record on each shard, behind the 301: once the new worker has handed every marker to
+    # its handler, it has read each shard from its checkpoint onwards, so anything before
+    # the checkpoint it were to re-apply would have reached the handler first.
     redelivered: list[consumer_lib.StreamRecord] = []
     second = consumer_lib.StreamConsumer(engine=engine, kinesis=client, stream_name=stream,
                                          handler=lambda conn, batch: redelivered.extend(batch),
@@ -67,8 +70,13 @@ def test_every_record_is_applied_once_and_poison_goes_to_dead_letters(kinesis_en
     second.start()
     try:
         wait_until(lambda: len(second.held_shards()) == 3)
-        time.sleep(1.0)
-        assert redelivered == []
+        keys = partition_key_per_shard(client, stream)
+        markers = {shard_id: b"marker " + shard_id.encode() for shard_id in keys}
+        assert all(put_records(client, stream, [OutgoingRecord(keys[s], markers[s]) for s in keys]))
+        wait_until(lambda: {r.data for r in list(redelivered)} >= set(markers.values()),
+                   what="the new worker to read a marker on every shard")
+        # Only the markers (a batch retried after a failed commit may hand one over twice).
+        assert {(r.shard_id, r.data) for r in redelivered} == set(markers.items())
         assert all(view.checkpoint for view in second.leases())
     finally:
         second.stop()
@@ -142,7 +150,11 @@ def test_a_worker_paused_with_a_batch_in_hand_cannot_commit_it_after_a_takeover(
                 return conn.execute(select(func.count()).select_from(tally)).scalar_one()
         wait_until(lambda: counted() == 10)
         pausable.release.set()  # the first worker wakes up and tries to commit its batch
-        time.sleep(2.0)
+        # Its attempt ends one way or the other, on its own reader: refused, it drops the
+        # shard (it renews nothing while paused, so only the refused commit makes it let go);
+        # accepted, its ten rows appear. Either is observed before the assertions below.
+        wait_until(lambda: not first.held_shards() or counted() > 10,
+                   what="the paused worker's commit attempt to be refused or applied")
         with engine.connect() as conn:
             workers = conn.execute(select(tally.c.worker, func.count()).group_by(tally.c.worker)).all()
         assert dict(workers) == {"second": 10}
@@ -222,7 +234,13 @@ def test_throttling_and_expired_iterators_lose_no_position(kinesis_env, database
             with engine.connect() as conn:
                 return [tuple(r) for r in conn.execute(select(tally.c.sequence_number, tally.c.worker))]
         wait_until(lambda: {w for _, w in applied()} == {p.decode() for p in payloads}, timeout=60)
-        time.sleep(0.5)
+        # A marker on each shard, behind the 400: once every marker is applied, each shard was
+        # read past everything before it, so a record applied twice (a read fault sending the
+        # worker back behind its checkpoint) would already be in the table.
+        keys = partition_key_per_shard(client, stream)
+        markers = {shard_id: f"marker {shard_id}" for shard_id in keys}
+        assert all(put_records(client, stream, [OutgoingRecord(keys[s], markers[s].encode()) for s in keys]))
+        wait_until(lambda: set(markers.values()) <= {w for _, w in applied()}, what="a marker applied on every shard")
         rows = applied()
         # Each record once (a throttled put that was retried is a second record: it has its own
         # sequence number), and no sequence number applied twice despite the read faults.
