@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from sqlalchemy.exc import OperationalError
 
@@ -38,6 +40,45 @@ S = TypeVar("S", bound=CommonSettings)
 
 # Served while a service starts: health says NOT_SERVING, reflection describes the API.
 _ALWAYS_OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+# What every server enforces. A request over 1 MiB is refused (RESOURCE_EXHAUSTED) before
+# it is parsed: no message of this API comes near it. Idle clients are pinged so dead
+# connections are found; clients may ping no more often than every 10 s (more is answered
+# with GOAWAY). A connection lives at most 30 minutes (then a GOAWAY and 30 s to finish),
+# so clients reconnect and new processes behind the port, or a load balancer, get a share.
+MAX_MESSAGE_BYTES = 1024 * 1024
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_concurrent_streams", 1000),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.max_connection_age_ms", 30 * 60_000),
+    ("grpc.max_connection_age_grace_ms", 30_000),
+]
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """What a request deserializer returns for bytes that are not the method's message."""
+
+    error: str
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as error:
+            return _Undecodable(str(error))
+
+    return deserialize
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -77,6 +118,8 @@ def _wrap_unary_unary(handler: Any, method: str, gate: ErrorInterceptor | None) 
     async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if gate is not None and not gate.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, gate.starting_message)
+        if isinstance(request, _Undecodable):
+            await _abort_undecodable(request, context, method)
         started = time.perf_counter()
         try:
             return await inner(request, context)
@@ -87,7 +130,7 @@ def _wrap_unary_unary(handler: Any, method: str, gate: ErrorInterceptor | None) 
 
     return grpc.unary_unary_rpc_method_handler(
         unary_unary,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_lenient(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
 
@@ -98,6 +141,8 @@ def _wrap_unary_stream(handler: Any, method: str, gate: ErrorInterceptor | None)
     async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if gate is not None and not gate.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, gate.starting_message)
+        if isinstance(request, _Undecodable):
+            await _abort_undecodable(request, context, method)
         started = time.perf_counter()
         try:
             async for response in inner(request, context):
@@ -109,9 +154,16 @@ def _wrap_unary_stream(handler: Any, method: str, gate: ErrorInterceptor | None)
 
     return grpc.unary_stream_rpc_method_handler(
         unary_stream,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_lenient(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
+
+
+async def _abort_undecodable(request: _Undecodable, context: grpc.aio.ServicerContext, method: str) -> None:
+    log.info("rpc rejected", extra={"method": method, "code": "INVALID_ARGUMENT", "reason": "undecodable request"})
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"the request bytes are not a valid {method.rsplit('/', 1)[-1]} request message "
+                        f"({request.error})")
 
 
 async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, method: str, started: float) -> None:
@@ -123,6 +175,10 @@ async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, method
             log.info("rpc rejected", extra={"method": method, "code": error.code.name,
                                             "millis": round((time.perf_counter() - started) * 1000, 2)})
         await context.abort(status.code, status.details, status.trailing_metadata)
+    elif isinstance(error, NotImplementedError):
+        # A method the proto declares but this server does not implement (the generated
+        # base class raises this), e.g. grpc.health.v1.Health/List.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server")
     elif isinstance(error, OperationalError):
         log.warning("database unavailable", extra={"method": method})
         await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable; retry later")
@@ -158,15 +214,12 @@ async def serve(hooks: ServiceHooks, stop_event: asyncio.Event | None = None) ->
     gate = ErrorInterceptor(hooks.name)
     server = grpc.aio.server(
         interceptors=[gate],
-        options=[("grpc.so_reuseport", 1 if hooks.reuse_port else 0), ("grpc.max_concurrent_streams", 1000)],
+        options=[("grpc.so_reuseport", 1 if hooks.reuse_port else 0), *SERVER_OPTIONS],
     )
     hooks.register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*hooks.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-    )
+    _add_reflection(server, [*hooks.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
     address = f"{hooks.bind_host}:{hooks.port}"
     server.add_insecure_port(address)
     for service in ("", *hooks.service_names):
@@ -206,6 +259,46 @@ async def serve(hooks: ServiceHooks, stop_event: asyncio.Event | None = None) ->
         await hooks.stop()
     log.info("stopped")
     return 1 if start_failed else 0
+
+
+def _add_reflection(server: grpc.aio.Server, service_names: list[str]) -> None:
+    """Server reflection, v1 and v1alpha. grpcio-reflection serves only v1alpha
+    (grpc/grpc#38576), while buf curl, grpcurl 1.9+, Postman and grpc-java ask for v1 first.
+    The two protocols have the same messages on the wire under another package name, so
+    the same servicer answers both; the v1 descriptor (v1alpha's under the v1 package) is
+    added to the pool so reflection can describe itself."""
+    _register_reflection_v1_descriptor()
+    servicer = reflection.aio.ReflectionServicer([*service_names, reflection.SERVICE_NAME, REFLECTION_V1])
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        ),
+    })])
+
+
+def _register_reflection_v1_descriptor() -> None:
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(REFLECTION_V1)
+        return
+    except KeyError:
+        pass
+    file = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(file)
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    file.name, file.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
+    for message in file.message_type:
+        for field in message.field:
+            if field.HasField("type_name"):
+                field.type_name = field.type_name.replace(old, new)
+    for service in file.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(old, new)
+            method.output_type = method.output_type.replace(old, new)
+    pool.Add(file)
 
 
 def run(hooks: ServiceHooks) -> None:
