@@ -37,7 +37,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-__all__ = ["Backoff"]
+__all__ = ["DEPENDENCY_WAIT_BACKOFF", "DEPENDENCY_WAIT_SECONDS", "Backoff"]
 
 
 @dataclass(frozen=True)
@@ -131,3 +131,9 @@ def _log_retry(
 
     return before_sleep
 
+
+# How a service starting waits for what it depends on (its database, Kinesis), the same
+# way for each: a dependency that starts later or restarts meanwhile is waited for, with
+# one log line per retry, health NOT_SERVING, instead of the service exiting.
+DEPENDENCY_WAIT_BACKOFF = Backoff(base_seconds=0.2, cap_seconds=5.0)
+DEPENDENCY_WAIT_SECONDS = 300.0

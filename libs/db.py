@@ -33,11 +33,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from tenacity import retry_if_exception_type
 
-from libs.backoff import Backoff
+from libs.backoff import DEPENDENCY_WAIT_BACKOFF, DEPENDENCY_WAIT_SECONDS
 
 log = logging.getLogger(__name__)
-
-DATABASE_WAIT_BACKOFF = Backoff(base_seconds=0.2, cap_seconds=5.0)
 
 
 def make_engine(url: str, idle_in_transaction_seconds: float | None = None, **kwargs: Any) -> Engine:
@@ -94,15 +92,16 @@ def read_only(engine: Engine) -> Engine:
     return engine.execution_options(**{_READ_ONLY: True})
 
 
-def wait_for_database(engine: Engine, timeout: float = 300.0) -> None:
+def wait_for_database(engine: Engine, timeout: float = DEPENDENCY_WAIT_SECONDS) -> None:
     """Waits (with backoff) until the database answers: a service started while its
-    database is down stays NOT_SERVING instead of exiting."""
+    database is down stays NOT_SERVING instead of exiting (as for Kinesis, see
+    libs.kinesis.wait_for_kinesis)."""
 
     def select_one() -> None:
         with engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
 
-    DATABASE_WAIT_BACKOFF.retrying(
+    DEPENDENCY_WAIT_BACKOFF.retrying(
         retry=retry_if_exception_type(OperationalError), deadline_seconds=timeout,
         log=log, message="database not reachable; retrying",
     )(select_one)

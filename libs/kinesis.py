@@ -23,7 +23,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from tenacity import retry_if_exception_type, retry_if_result
 
-from libs.backoff import Backoff
+from libs.backoff import DEPENDENCY_WAIT_BACKOFF, DEPENDENCY_WAIT_SECONDS, Backoff
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,6 @@ ENROLLMENT_EVENTS_STREAM = "enrollment-events"
 PUT_RECORDS_BACKOFF = Backoff(base_seconds=0.05, cap_seconds=2.0)
 # A batched record rejected again, rescheduled on the event loop.
 BATCHED_RECORD_BACKOFF = Backoff(base_seconds=0.04, cap_seconds=1.0)
-# Waiting for the Kinesis endpoint at start.
-CONNECT_BACKOFF = Backoff(base_seconds=0.2, cap_seconds=2.0)
 
 
 class KinesisUnavailable(Exception):
@@ -105,10 +103,12 @@ def _create_stream(client: Any, name: str, shard_count: int) -> str:
     return "CREATING"
 
 
-def wait_for_kinesis(client: Any, timeout: float = 60.0) -> None:
-    """Waits (with backoff) until Kinesis answers ListStreams."""
+def wait_for_kinesis(client: Any, timeout: float = DEPENDENCY_WAIT_SECONDS) -> None:
+    """Waits (with backoff) until Kinesis answers ListStreams: a service started while
+    Kinesis is down stays NOT_SERVING and waits, exactly as for its database
+    (libs.db.wait_for_database: the same backoff, deadline and log line per retry)."""
     try:
-        CONNECT_BACKOFF.retrying(
+        DEPENDENCY_WAIT_BACKOFF.retrying(
             retry=retry_if_exception_type((BotoCoreError, ClientError)), deadline_seconds=timeout,
             log=log, message="Kinesis not reachable; retrying",
         )(client.list_streams, Limit=1)

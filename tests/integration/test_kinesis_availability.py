@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pathlib
 import socket
 import struct
 import subprocess
+import sys
 from collections.abc import Iterator
+from datetime import datetime
 
 from libs.kinesis import kinesis_client
 from tests import helpers
@@ -70,3 +73,51 @@ def test_kinesalite_outlives_clients_that_hang_up_in_the_middle_of_a_request(tmp
         records = client.get_records(ShardIterator=iterator)["Records"]
         assert [r["Data"] for r in records] == [f"record {n}".encode() for n in range(6)]
         assert process.poll() is None, (tmp_path / "kinesalite.log").read_text()
+
+
+def retry_lines(log_path: pathlib.Path, message: str) -> list[datetime]:
+    times = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if entry.get("message") == message:
+                times.append(datetime.fromisoformat(entry["time"].replace("Z", "+00:00")))
+    return times
+
+
+def test_stats_started_before_kinesis_waits_past_a_minute_logging_each_retry_then_serves(tmp_path):
+    """Before, the wait for Kinesis gave up after 60 s and the service exited; for its
+    database it waited. Kinesis starts here once the service has logged retries over more
+    than 65 s (its own clock), and the service must then turn SERVING."""
+    kinesis_port, stats_port = helpers.free_port(), helpers.free_port()
+    log_path = tmp_path / "stats.log"
+    env = {**os.environ, "STATS_PORT": str(stats_port), "BIND_HOST": "127.0.0.1",
+           "STATS_DATABASE_URL": f"sqlite:///{tmp_path / 'stats.db'}",
+           "AWS_ENDPOINT_URL_KINESIS": f"http://127.0.0.1:{kinesis_port}", "AWS_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
+           "KINESIS_STREAM_PREFIX": "late-", "KINESIS_SHARD_COUNT": "1", "LOG_LEVEL": "INFO"}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "services.stats"], cwd=helpers.ROOT, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def check_alive() -> None:
+            if process.poll() is not None:
+                raise AssertionError(f"stats exited with {process.returncode}: "
+                                     f"{log_path.read_text(errors='replace')[-2000:]}")
+
+        def retried_for_65_seconds() -> bool:
+            check_alive()
+            times = retry_lines(log_path, "Kinesis not reachable; retrying")
+            return len(times) >= 2 and (times[-1] - times[0]).total_seconds() > 65
+
+        helpers.wait_until(retried_for_65_seconds, timeout=150, what="65 s of logged Kinesis retries",
+                           interval=1.0)
+        with kinesalite_process(kinesis_port, tmp_path / "kinesalite.log"):
+            helpers.wait_serving(stats_port, timeout=60, check_alive=check_alive)
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
