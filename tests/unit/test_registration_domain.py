@@ -52,6 +52,16 @@ def test_the_same_request_id_always_maps_to_the_same_registration():
     assert ids.issue() != ids.issue()
 
 
+def test_an_issued_id_in_another_case_is_canonicalised_and_only_the_issued_spelling_checks():
+    ids = RegistrationIds("secret")
+    issued = ids.issue()
+    for spelling in (issued.upper(), issued[:4] + issued[4:].upper(), f" {issued} "):
+        assert ids.check(spelling) is IdCheck.MALFORMED
+        assert ids.canonical(spelling) == issued
+    assert ids.check(ids.canonical(issued.upper())) is IdCheck.ISSUED
+    assert ids.canonical("REG_\u0130") == "REG_\u0130"  # non-ASCII is left to be refused as is
+
+
 def test_one_request_id_for_two_sign_ups_gives_two_registrations():
     ids = RegistrationIds("secret")
     alice = ids.issue("1", course_id="bio150", email="alice1@example.com")
