@@ -18,6 +18,7 @@ from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from coursesignup.registration.v1 import registration_pb2 as R
 from coursesignup.registration.v1 import registration_pb2_grpc
 from libs.envelope import decode_envelope
+from libs.grpc_server import MAX_MESSAGE_BYTES
 from libs.kinesis import kinesis_client
 from services.enrollment.bootstrap import build_hooks as enrollment_hooks
 from services.enrollment.settings import EnrollmentSettings
@@ -25,6 +26,9 @@ from services.registration.bootstrap import build_hooks as registration_hooks
 from services.registration.domain.validation import normalize_email
 from services.registration.settings import RegistrationSettings
 from tests import helpers
+
+# A field as large as a request may carry: the server refuses messages over MAX_MESSAGE_BYTES.
+LARGEST_FIELD = MAX_MESSAGE_BYTES - 1024
 
 
 def read_stream(client, stream: str) -> list[dict]:
@@ -122,7 +126,8 @@ def test_one_request_id_shared_by_24_different_sign_ups_makes_24_registrations_a
 
 def test_a_huge_email_is_refused_cheaply_with_invalid_argument(services):
     registration, _ = services
-    huge = R.RegisterRequest(name="A", email="a" * 4_000_000 + "@example.com", course_id="cs101",
+    # The largest address a request can carry (the server refuses bigger messages).
+    huge = R.RegisterRequest(name="A", email="a" * LARGEST_FIELD + "@example.com", course_id="cs101",
                              birth_date=date_pb2.Date(year=1990, month=1, day=1))
     with pytest.raises(grpc.RpcError) as error:
         registration.Register(huge, timeout=30)
@@ -135,7 +140,8 @@ def test_oversized_fields_are_refused_by_length_before_any_validation_and_a_norm
                                                                                                   monkeypatch):
     """Every field is bounded before it is parsed: an address longer than 254 characters
     never reaches email_validator (its cost grows with the input, on the event loop),
-    and a normal sign-up sent beside four 4 MB ones is accepted."""
+    and a normal sign-up sent beside four of the largest (about 1 MiB: a 4 MB request is
+    refused by the transport, RESOURCE_EXHAUSTED) is accepted."""
     registration, _ = services
     import services.registration.domain.validation as validation
 
@@ -159,16 +165,20 @@ def test_oversized_fields_are_refused_by_length_before_any_validation_and_a_norm
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value
         return [v.field for v in error_details(error.value, error_details_pb2.BadRequest).field_violations]
 
-    huge = [registration.Register.future(sign_up(email="a" * 4_000_000 + "@example.com"), timeout=30)
+    huge = [registration.Register.future(sign_up(email="a" * LARGEST_FIELD + "@example.com"), timeout=30)
             for _ in range(4)]
+    too_big = registration.Register.future(sign_up(email="a" * 4_000_000 + "@example.com"), timeout=30)
     normal = registration.Register.future(sign_up(email="normal@example.org"), timeout=30)
     assert normal.result().status == R.REGISTRATION_STATUS_PENDING
     assert [refused_fields(call) for call in huge] == [["email"]] * 4
+    with pytest.raises(grpc.RpcError) as transport_refusal:
+        too_big.result()
+    assert transport_refusal.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     for oversized, field in [(dict(email="b" * 250 + "@example.com"), "email"),
-                             (dict(name="N" * 4_000_000), "name"),
-                             (dict(course_id="c" * 4_000_000), "course_id"),
-                             (dict(request_id="r" * 4_000_000), "request_id"),
-                             (dict(locale="l" * 4_000_000), "locale")]:
+                             (dict(name="N" * LARGEST_FIELD), "name"),
+                             (dict(course_id="c" * LARGEST_FIELD), "course_id"),
+                             (dict(request_id="r" * LARGEST_FIELD), "request_id"),
+                             (dict(locale="l" * LARGEST_FIELD), "locale")]:
         assert refused_fields(registration.Register.future(sign_up(**oversized), timeout=30)) == [field]
     # Only the normal address was ever looked at by email_validator (the fast path may
     # have skipped even that one): nothing over 254 characters.
