@@ -50,6 +50,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from libs.backoff import Backoff
+from libs.db import after_commit
+from libs.metrics import DEAD_LETTERS
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,7 @@ def record_dead_letter(conn: Connection, record: StreamRecord, reason: str) -> N
             created_at=datetime.now(UTC),
         )
     )
+    after_commit(conn, DEAD_LETTERS.labels(record.stream_name).inc)
     log.warning(
         "record sent to dead letters",
         extra={"stream": record.stream_name, "shard": record.shard_id, "sequence": record.sequence_number,

@@ -138,6 +138,12 @@ def ensure_schema(engine: Engine, *metadatas: MetaData) -> None:
         )
 
 
+def after_commit(conn: Connection, callback: Callable[[], None]) -> None:
+    """Calls `callback` once the transaction `conn` is in commits; never if it rolls back
+    (so counters of committed work count a retried batch once)."""
+    event.listen(conn, "commit", lambda _conn: callback(), once=True)
+
+
 def is_postgres(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
 

@@ -33,6 +33,7 @@ from sqlalchemy.exc import OperationalError
 from libs.config import CommonSettings
 from libs.errors import ServiceError
 from libs.logs import configure_logging
+from libs.metrics import RpcMetrics
 
 log = logging.getLogger(__name__)
 S = TypeVar("S", bound=CommonSettings)
@@ -115,18 +116,26 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 def _wrap_unary_unary(handler: Any, method: str, gate: ErrorInterceptor | None) -> Any:
     inner = handler.unary_unary
 
+    metrics = RpcMetrics(method, "unary")
+
     async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if gate is not None and not gate.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, gate.starting_message)
-        if isinstance(request, _Undecodable):
-            await _abort_undecodable(request, context, method)
-        started = time.perf_counter()
+        started = metrics.started()
+        cancelled = False
         try:
+            if gate is not None and not gate.ready:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, gate.starting_message)
+            if isinstance(request, _Undecodable):
+                await _abort_undecodable(request, context, method)
             return await inner(request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        except grpc.aio.AbortError:
             raise
         except Exception as error:
             await _abort_for(error, context, method, started)
+        finally:
+            metrics.handled(started, "CANCELLED" if cancelled else _code_name(context))
 
     return grpc.unary_unary_rpc_method_handler(
         unary_unary,
@@ -138,25 +147,43 @@ def _wrap_unary_unary(handler: Any, method: str, gate: ErrorInterceptor | None) 
 def _wrap_unary_stream(handler: Any, method: str, gate: ErrorInterceptor | None) -> Any:
     inner = handler.unary_stream
 
+    metrics = RpcMetrics(method, "server_stream")
+
     async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if gate is not None and not gate.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, gate.starting_message)
-        if isinstance(request, _Undecodable):
-            await _abort_undecodable(request, context, method)
-        started = time.perf_counter()
+        started = metrics.started()
+        cancelled = False
         try:
+            if gate is not None and not gate.ready:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, gate.starting_message)
+            if isinstance(request, _Undecodable):
+                await _abort_undecodable(request, context, method)
             async for response in inner(request, context):
                 yield response
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except (asyncio.CancelledError, GeneratorExit):
+            cancelled = True
+            raise
+        except grpc.aio.AbortError:
             raise
         except Exception as error:
             await _abort_for(error, context, method, started)
+        finally:
+            metrics.handled(started, "CANCELLED" if cancelled else _code_name(context))
 
     return grpc.unary_stream_rpc_method_handler(
         unary_stream,
         request_deserializer=_lenient(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
+
+
+def _code_name(context: grpc.aio.ServicerContext) -> str:
+    """The status the call ended with: OK unless the handler set or aborted with another."""
+    code = context.code()
+    if code is None:
+        return "OK"
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
 
 
 async def _abort_undecodable(request: _Undecodable, context: grpc.aio.ServicerContext, method: str) -> None:

@@ -48,6 +48,7 @@ from sqlalchemy import (
 from libs.backoff import Backoff
 from libs.db import ensure_schema
 from libs.kinesis import OutgoingRecord, put_records
+from libs.metrics import OUTBOX_PUBLISH_SECONDS, OUTBOX_PUBLISHED
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +152,20 @@ class OutboxRelay:
             # Also when publishing raised: what was acknowledged is deleted, the rest freed.
             self._settle(done, [row.id for row in rows])
         self.published += len(done)
+        OUTBOX_PUBLISHED.inc(len(done))
+        published_at = time.time()
+        acknowledged = set(done)
+        for row in rows:
+            if row.id in acknowledged:
+                OUTBOX_PUBLISH_SECONDS.observe(max(0.0, published_at - row.created_at))
         return len(done)
 
     def _claim(self) -> list[Any]:
         now = time.time()
         with self.engine.begin() as conn:
             query = (
-                select(outbox.c.id, outbox.c.stream_name, outbox.c.partition_key, outbox.c.data)
+                select(outbox.c.id, outbox.c.stream_name, outbox.c.partition_key, outbox.c.data,
+                       outbox.c.created_at)
                 .where(or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until <= now))
                 .order_by(outbox.c.id)
                 .limit(self.batch_size)

@@ -11,7 +11,8 @@ start   engine → wait for the database → schema (the service's tables, plus 
         `prepare` (seeds, read-model upgrades) → Kinesis client → wait for Kinesis →
         every stream it reads or writes exists → outbox relay → the service's own
         parts (`Runtime.on_start`) → one lease consumer per consumed stream → ready
-        (health SERVING, and the server's readiness gate opens for every method)
+        (health SERVING, and the server's readiness gate opens for every method);
+        /metrics is served from the first step (libs.metrics)
 stop    (after the server stopped taking calls) consumers finish and checkpoint their
         batch and hand back their leases → the service's parts, in reverse → relay →
         engine closed. A stop during start-up stops what was started.
@@ -29,6 +30,7 @@ written to the outbox in the same transaction and published by the relay after c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -37,17 +39,20 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import grpc
-from sqlalchemy import Connection, Engine, MetaData
+from prometheus_client import REGISTRY
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import Connection, Engine, MetaData, func, select
 
 from coursesignup.events.v1 import events_pb2
 from libs import consumer as consumer_lib
 from libs import outbox as outbox_lib
 from libs.config import CommonSettings
 from libs.consumer import StreamRecord, decode_or_dead_letter
-from libs.db import ensure_schema, make_engine, wait_for_database
+from libs.db import after_commit, ensure_schema, make_engine, wait_for_database
 from libs.envelope import MalformedRecord, decode_envelope
 from libs.grpc_server import ServiceHooks, in_daemon_thread
 from libs.kinesis import ensure_stream, kinesis_client, wait_for_kinesis
+from libs.metrics import BATCH_RECORDS, RECORDS_CONSUMED, GaugesAtScrape, MetricsEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +123,14 @@ def dispatch(conn: Connection, records: list[StreamRecord], consume: Consume,
 
     # Consecutive messages with the same handler form one run (one call, one set of
     # statements), so runs keep the stream order even across message types.
+    stream = stream_name(consume.stream)
+    counted = len(records)
+
+    def count() -> None:
+        RECORDS_CONSUMED.labels(stream).inc(counted)
+        BATCH_RECORDS.labels(stream).observe(counted)
+
+    after_commit(conn, count)
     runs: list[tuple[BatchHandler, list[Message[Any]]]] = []
     for record, decoded in decode_or_dead_letter(conn, records, decode):
         if decoded is None:
@@ -161,6 +174,7 @@ class Runtime(Generic[S]):
     _starts: list[Callable[[], Any]] = field(default_factory=list)
     _stops: list[Callable[[], Any]] = field(default_factory=list)
     _after_commit: list[Callable[[], None]] = field(default_factory=list)
+    _gauges: list[GaugesAtScrape] = field(default_factory=list)
 
     def stream_name(self, base: str) -> str:
         return self.settings.stream_name(base)
@@ -172,6 +186,10 @@ class Runtime(Generic[S]):
     def on_stop(self, stop: Callable[[], Any]) -> None:
         """Runs `stop` (sync or async) after the consumers stopped; stops run in reverse order."""
         self._stops.append(stop)
+
+    def gauges(self, collect: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
+        """Adds gauges computed when Prometheus scrapes (registered while the service runs)."""
+        self._gauges.append(GaugesAtScrape(collect))
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Calls `callback` (from a consumer thread) after each batch commits."""
@@ -202,6 +220,8 @@ class Service(Generic[S]):
     kinesis_connections: int = 20
     # SO_REUSEPORT, for several processes of one service on one port.
     reuse_port: bool = False
+    # Where /metrics is served (on BIND_HOST); 0: not served by this process.
+    metrics_port: int = 0
 
     def hooks(self) -> ServiceHooks:
         settings = self.settings
@@ -233,10 +253,39 @@ class _Runner:
         self.service = service
         self.runtime = runtime
         self._started_parts = 0
+        self._metrics: MetricsEndpoint | None = None
+
+    def _scrape(self) -> list[GaugeMetricFamily]:
+        """Consumer lag and leases per stream, outbox depth: read when Prometheus scrapes."""
+        runtime = self.runtime
+        lag = GaugeMetricFamily("coursesignup_stream_consumer_lag_seconds",
+                                "Per held shard: age of the newest record of the last batch when it committed "
+                                "(0 once the shard is caught up).", labels=["stream", "shard"])
+        leases = GaugeMetricFamily("coursesignup_stream_leases_held", "Shards this process holds the lease of.",
+                                   labels=["stream"])
+        for consumer in runtime.consumers:
+            held = consumer.held_shards()
+            leases.add_metric([consumer.stream_name], len(held))
+            for shard, seconds in consumer.lag_seconds().items():
+                if shard in held:
+                    lag.add_metric([consumer.stream_name, shard], seconds)
+        families = [lag, leases]
+        if runtime.relay is not None and runtime.engine is not None:
+            with runtime.engine.connect() as conn:
+                depth = conn.execute(select(func.count()).select_from(outbox_lib.outbox)).scalar_one()
+            families.append(GaugeMetricFamily("coursesignup_outbox_depth",
+                                              "Outbox rows not yet published.", value=depth))
+        return families
 
     async def start(self) -> None:
         service, runtime = self.service, self.runtime
         engine = runtime.engine
+        runtime._gauges.insert(0, GaugesAtScrape(self._scrape))
+        for gauges in runtime._gauges:
+            REGISTRY.register(gauges)
+        if service.metrics_port:
+            self._metrics = MetricsEndpoint(runtime.settings.bind_host, service.metrics_port)
+            await in_daemon_thread(self._metrics.start)
         if engine is not None:
             metadatas = list(service.schema)
             if service.consumes:
@@ -289,6 +338,11 @@ class _Runner:
                 log.exception("a part failed to stop", extra={"service": self.service.name})
         if runtime.relay is not None:
             await asyncio.to_thread(runtime.relay.stop)
+        if self._metrics is not None:
+            self._metrics.stop()
+        for gauges in runtime._gauges:
+            with contextlib.suppress(KeyError):
+                REGISTRY.unregister(gauges)
         if runtime.engine is not None:
             runtime.engine.dispose()
 

@@ -11,6 +11,11 @@ import pytest
 
 from tests import helpers
 
+# Services started by tests (in this process or as child processes) serve no /metrics
+# unless a test gives them a port of its own: several copies of one service run at once.
+for _service in ("REGISTRATION", "ENROLLMENT", "STATS", "NOTIFIER"):
+    os.environ[f"{_service}_METRICS_PORT"] = "0"
+
 
 @pytest.fixture(scope="session")
 def kinesis_endpoint() -> Iterator[str]:

@@ -35,6 +35,7 @@ def service(settings: EnrollmentSettings) -> Service[EnrollmentSettings]:
         name="enrollment",
         settings=settings,
         port=settings.enrollment_port,
+        metrics_port=settings.enrollment_metrics_port,
         servicers=servicers,
         database_url=settings.enrollment_database_url,
         schema=[metadata],

@@ -9,6 +9,8 @@ from libs.config import CommonSettings
 
 class EnrollmentSettings(CommonSettings):
     enrollment_port: int = 50052
+    # Prometheus /metrics over HTTP on BIND_HOST; 0 turns it off.
+    enrollment_metrics_port: int = Field(default=9452, ge=0, le=65535)
     enrollment_database_url: str = "sqlite:///var/enrollment.db"
     # Load the demo catalogue (two campuses, a few courses) when the catalogue is empty.
     seed_demo_catalogue: bool = False

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import logging
 
+from prometheus_client.core import GaugeMetricFamily
+
 from coursesignup.notifier.v1 import notifier_pb2_grpc
 from libs.grpc_server import ServiceHooks, run_service
 from libs.worker import Runtime, Service, Servicer
@@ -80,6 +82,16 @@ def _servicers(runtime: Runtime[NotifierSettings]) -> list[Servicer]:
         await sender.stop(min(SEND_GRACE_SECONDS, settings.shutdown_grace_seconds))
         await mailer.close()
 
+    def pool_gauges() -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily("coursesignup_smtp_connections_busy", "SMTP connections carrying a message now.",
+                              value=mailer.busy),
+            GaugeMetricFamily("coursesignup_smtp_connections_max", "SMTP_MAX_CONNECTIONS.",
+                              value=mailer.max_connections),
+            GaugeMetricFamily("coursesignup_emails_in_flight", "Emails being sent now.", value=sender.in_flight),
+        ]
+
+    runtime.gauges(pool_gauges)
     runtime.on_start(start)
     runtime.on_stop(stop)
     runtime.after_commit(sender.wake_threadsafe)
@@ -92,6 +104,7 @@ def service(settings: NotifierSettings) -> Service[NotifierSettings]:
         name="notifier",
         settings=settings,
         port=settings.notifier_port,
+        metrics_port=settings.notifier_metrics_port,
         servicers=_servicers,
         database_url=settings.notifier_database_url,
         schema=[metadata],

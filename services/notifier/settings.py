@@ -9,6 +9,8 @@ from libs.config import CommonSettings
 
 class NotifierSettings(CommonSettings):
     notifier_port: int = 50054
+    # Prometheus /metrics over HTTP on BIND_HOST; 0 turns it off.
+    notifier_metrics_port: int = Field(default=9454, ge=0, le=65535)
     notifier_database_url: str = "sqlite:///var/notifier.db"
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 1025

@@ -13,6 +13,7 @@ from coursesignup.enrollment.v1 import enrollment_pb2_grpc
 from coursesignup.registration.v1 import registration_pb2_grpc
 from libs.grpc_server import ServiceHooks, run_service
 from libs.kinesis import REGISTRATIONS_STREAM, RecordBatcher
+from libs.metrics import multiprocess_dir
 from libs.worker import Runtime, Service, Servicer
 from services.registration.adapters.catalogue import Catalogue
 from services.registration.domain.registration_ids import RegistrationIds
@@ -62,6 +63,8 @@ def service(settings: RegistrationSettings, *, worker: int | None = None) -> Ser
         publishes=[REGISTRATIONS_STREAM],
         kinesis_connections=32,
         reuse_port=worker is not None,
+        # Workers of several write prometheus_client's multiprocess files; their parent serves the sum.
+        metrics_port=0 if multiprocess_dir() else settings.registration_metrics_port,
     )
 
 

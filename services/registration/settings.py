@@ -11,6 +11,8 @@ from libs.config import CommonSettings
 
 class RegistrationSettings(CommonSettings):
     registration_port: int = 50051
+    # Prometheus /metrics over HTTP on BIND_HOST; 0 turns it off.
+    registration_metrics_port: int = Field(default=9451, ge=0, le=65535)
     # Where the enrollment service answers catalogue and decision queries.
     enrollment_target: str = "127.0.0.1:50052"
     # Key that signs registration ids: set the same secret on every registration

@@ -8,7 +8,9 @@ with SO_REUSEPORT, so the kernel spreads new TCP connections over them (one conn
 hence one client channel, stays on one worker). The parent forwards SIGTERM/SIGINT,
 waits for the workers to finish their calls and exits 0 when they all did; a worker
 that dies on its own is started again, with a backoff. Workers get SIGTERM should the
-parent itself die (PR_SET_PDEATHSIG). Make run, compose and Kubernetes see one process.
+parent itself die (PR_SET_PDEATHSIG). Make run, compose and Kubernetes see one process,
+and one /metrics: the workers write prometheus_client's multiprocess files and the
+parent serves their sum.
 
 This module imports no gRPC, boto3 or SQLAlchemy: the parent stays small.
 """
@@ -19,15 +21,18 @@ import argparse
 import contextlib
 import ctypes
 import logging
+import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from types import FrameType
 
 from libs.backoff import Backoff
 from libs.logs import configure_logging
+from libs.metrics import MetricsEndpoint, registry_for_scrape
 from services.registration.settings import RegistrationSettings
 
 log = logging.getLogger("services.registration.supervisor")
@@ -101,6 +106,22 @@ class Supervisor:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
+        with tempfile.TemporaryDirectory(prefix="registration-metrics-") as directory:
+            # The workers inherit it: each writes its metrics there, and this process
+            # serves their sum on REGISTRATION_METRICS_PORT.
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+            endpoint = None
+            if self.settings.registration_metrics_port:
+                endpoint = MetricsEndpoint(self.settings.bind_host, self.settings.registration_metrics_port,
+                                           registry_for_scrape())
+                endpoint.start()
+            try:
+                return self._supervise()
+            finally:
+                if endpoint is not None:
+                    endpoint.stop()
+
+    def _supervise(self) -> int:
         for index in range(self.count):
             self.spawn(index)
         # Workers finish in-flight calls within the grace period, then flush; past a

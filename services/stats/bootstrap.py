@@ -36,6 +36,7 @@ def service(settings: StatsSettings) -> Service[StatsSettings]:
         name="stats",
         settings=settings,
         port=settings.stats_port,
+        metrics_port=settings.stats_metrics_port,
         servicers=servicers,
         database_url=settings.stats_database_url,
         schema=[metadata],

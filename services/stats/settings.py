@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from libs.config import CommonSettings
 
 
 class StatsSettings(CommonSettings):
     stats_port: int = 50053
+    # Prometheus /metrics over HTTP on BIND_HOST; 0 turns it off.
+    stats_metrics_port: int = Field(default=9453, ge=0, le=65535)
     stats_database_url: str = "sqlite:///var/stats.db"
     # Key that signs page tokens: the same on every stats instance; changing it makes
     # outstanding tokens INVALID_ARGUMENT.

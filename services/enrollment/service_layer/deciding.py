@@ -24,12 +24,15 @@ from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
 from google.type import date_pb2
+from prometheus_client import Counter, Histogram
 from sqlalchemy import Connection, bindparam, insert, select, update
 
 from coursesignup.events.v1 import events_pb2
 from libs.consumer import StreamRecord
+from libs.db import after_commit
 from libs.envelope import MalformedRecord, new_envelope
 from libs.kinesis import ENROLLMENT_EVENTS_STREAM, REGISTRATIONS_STREAM
+from libs.metrics import LAG_BUCKETS
 from libs.worker import Consume, Event, Handle, Message
 from services.enrollment.adapters.tables import courses, decisions, enrollments
 from services.enrollment.domain.model import CourseSeats, Outcome, normalize_email
@@ -213,7 +216,23 @@ def decide(conn: Connection, messages: list[Message[events_pb2.RegisterStudent]]
     timestamp = timestamp_pb2.Timestamp()
     timestamp.FromDatetime(now)
     log.debug("batch decided", extra={"decided": len(decided), "records": len(messages)})
+    after_commit(conn, lambda: _count(decided, now))
     return [Event(ENROLLMENT_EVENTS_STREAM, d.command.course_id, event_for(d, timestamp)) for d in decided]
+
+
+DECISIONS = Counter("coursesignup_decisions_total", "Sign-ups decided, by outcome.", ["outcome"])
+DECISION_LAG = Histogram("coursesignup_decision_lag_seconds",
+                         "Time from a sign-up's acceptance by Register to its decision.", buckets=LAG_BUCKETS)
+
+
+def _count(decided: list[Decision], now: dt.datetime) -> None:
+    """Metrics of a committed batch (a batch rolled back and retried is counted once)."""
+    decide_time = now.timestamp()
+    for decision in decided:
+        DECISIONS.labels(decision.outcome.value).inc()
+        accepted = decision.command.accept_time
+        if accepted.seconds:
+            DECISION_LAG.observe(max(0.0, decide_time - accepted.seconds - accepted.nanos / 1e9))
 
 
 # What the enrollment service consumes: the sign-ups, each decided by the shard's one writer.

@@ -93,6 +93,8 @@ class SmtpMailer:
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[aiosmtplib.SMTP] = []
         self._closed = False
+        # Connections carrying a message now (the pool's use, for metrics).
+        self.busy = 0
 
     async def send(self, message: bytes, recipient: str) -> None:
         """Delivers `message` to exactly `recipient` (the envelope never reads the headers)."""
@@ -100,6 +102,7 @@ class SmtpMailer:
             if self._closed:
                 raise TransientDeliveryError("mailer is shutting down")
             checkout = _Checkout(self._idle.pop() if self._idle else None)
+            self.busy += 1
             try:
                 async with asyncio.timeout(self._timeout):
                     await self._send_on(checkout, message, recipient)
@@ -112,6 +115,8 @@ class SmtpMailer:
                 else:
                     self._discard(checkout.connection)
                 raise
+            finally:
+                self.busy -= 1
             await self._give_back(checkout.connection)
 
     async def _send_on(self, checkout: _Checkout, message: bytes, recipient: str) -> None:

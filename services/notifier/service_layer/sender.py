@@ -26,6 +26,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
+from prometheus_client import Counter
+
 from libs.backoff import Backoff
 from libs.logs import pseudonym
 from services.notifier.domain.messages import validate_recipient
@@ -44,6 +46,10 @@ from services.notifier.domain.model import (
 from services.notifier.service_layer.metrics import DeliveryCounters
 
 log = logging.getLogger(__name__)
+
+EMAILS = Counter("coursesignup_emails_total", "Email attempts by notification kind and outcome "
+                 "(sent; retry: a transient failure, tried again later; failed: given up).", ["kind", "outcome"])
+_OUTCOME_LABEL = {Delivered: "sent", RetryLater: "retry", GaveUp: "failed"}
 
 # Writing outcomes failed (database down): the batch is kept and written again after this.
 RECORDING_BACKOFF = Backoff(base_seconds=0.4, cap_seconds=5.0)
@@ -223,6 +229,8 @@ class Sender:
         async with self._send_slots:
             outcome = await self._attempt(claim)
         self._count(outcome)
+        if not isinstance(outcome, NotAttempted):
+            EMAILS.labels(claim.notification.kind.value, _OUTCOME_LABEL[type(outcome)]).inc()
         self._log(claim, outcome)
         self._outcomes.append(outcome)
         self._outcomes_ready.set()
@@ -254,7 +262,7 @@ class Sender:
             )
         return Delivered(claim.id, claim.attempt, datetime.now(UTC))
 
-    def _count(self, outcome: Outcome) -> None:
+    def _count(self, outcome: Outcome) -> None:  # the figures GetDeliveryStats reports
         if isinstance(outcome, Delivered):
             self.counters.sent += 1
         elif isinstance(outcome, RetryLater):
