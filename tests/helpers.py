@@ -34,12 +34,7 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if listening(port):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+    wait_until(lambda: listening(port), timeout, f"something listening on 127.0.0.1:{port}", interval=0.05)
 
 
 @contextlib.contextmanager
@@ -101,25 +96,20 @@ def wait_serving(port: int, timeout: float, check_alive: Callable[[], None]) -> 
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    deadline = time.monotonic() + timeout
-    while not listening(port):
-        check_alive()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
-        time.sleep(0.1)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while True:
+
+        def serving() -> bool:
             check_alive()
+            if not listening(port):
+                return False
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
+                return stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                    health_pb2.HealthCheckResponse.SERVING
             except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"127.0.0.1:{port} not SERVING after {timeout}s")
-            time.sleep(0.1)
+                return False
+
+        wait_until(serving, timeout, f"127.0.0.1:{port} SERVING", interval=0.1)
 
 
 def postgres_url() -> str:

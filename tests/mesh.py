@@ -102,7 +102,7 @@ class Mesh:
                     raise AssertionError(f"{service} exited: {self.log_tail(service)}")
             try:
                 helpers.wait_serving(self.ports[service], timeout, check_alive)
-            except TimeoutError as error:
+            except AssertionError as error:
                 raise AssertionError(f"{error}: {self.log_tail(service)}") from error
 
     def log_tail(self, service: str, lines: int = 30) -> str:

@@ -26,6 +26,7 @@ from services.notifier.domain.model import (
 )
 from services.notifier.service_layer.handlers import message_composer
 from services.notifier.service_layer.sender import Sender
+from tests.helpers import wait_until
 from tests.integration.test_notifier_service import RecordingHandler, smtp_server  # noqa: F401 - fixture
 
 MAIL_FROM = "Course Sign-up <no-reply@course-signup.example>"
@@ -55,10 +56,7 @@ def _statuses(engine: Engine, registration_ids: list[str]) -> Counter[DeliverySt
 
 
 async def _until(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(predicate):
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
+    await asyncio.to_thread(wait_until, predicate, timeout, "the notifications' statuses", 0.05)
 
 
 def test_two_senders_on_one_database_never_send_the_same_notification(
