@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import time
@@ -43,6 +44,14 @@ def kinesalite(path: pathlib.Path | None = None, shard_limit: int = 100_000) -> 
 
     Tests share one server and each creates its own streams, so the open-shard limit
     (10 by default in kinesalite, like a new AWS account's) is raised."""
+    with kinesalite_process(path, shard_limit) as (url, _process):
+        yield url
+
+
+@contextlib.contextmanager
+def kinesalite_process(path: pathlib.Path | None = None,
+                       shard_limit: int = 100_000) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """As `kinesalite`, also yielding the process (for tests that pause or kill it)."""
     port = free_port()
     command = ["node", str(ROOT / "dev" / "kinesalite.js"), "--port", str(port), "--shard-limit", str(shard_limit)]
     if path:
@@ -50,8 +59,9 @@ def kinesalite(path: pathlib.Path | None = None, shard_limit: int = 100_000) -> 
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_port(port)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", process
     finally:
+        process.send_signal(signal.SIGCONT)  # a paused one cannot handle SIGTERM
         process.terminate()
         try:
             process.wait(5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from typing import Any
@@ -144,3 +145,60 @@ def test_a_crash_between_publish_and_delete_only_publishes_again(
     assert OutboxRelay(engine, again).publish_once() == 1
     assert again.received == [b"d1"], "published a second time, identical: consumers absorb it"
     assert pending(engine) == []
+
+
+def test_catalogue_writes_go_on_on_sqlite_while_a_paused_kinesis_holds_the_relay(tmp_path: Any,
+                                                                                 monkeypatch: Any) -> None:
+    """Issue 10 item 7, with the real parts: kinesalite paused (SIGSTOP) while the relay
+    publishes a pending event. The relay committed its claim before calling Kinesis, so
+    the SQLite write lock is free and catalogue writes answer at once."""
+    import grpc
+
+    from coursesignup.enrollment.v1 import enrollment_pb2 as pb
+    from coursesignup.enrollment.v1 import enrollment_pb2_grpc
+    from libs.config import CommonSettings
+    from libs.kinesis import kinesis_client
+    from tests import helpers
+
+    with helpers.kinesalite_process() as (url, kinesalite):
+        monkeypatch.setenv("AWS_ENDPOINT_URL_KINESIS", url)
+        monkeypatch.setenv("KINESIS_STREAM_PREFIX", "paused-")
+        database = f"sqlite:///{tmp_path / 'enrollment.db'}"
+        with helpers.serve_enrollment(database) as target, grpc.insecure_channel(target) as channel:
+            stub = enrollment_pb2_grpc.EnrollmentServiceStub(channel)
+            stub.CreateCampus(pb.CreateCampusRequest(campus=pb.Campus(campus_id="k", name="Kinesis paused")))
+            engine = make_engine(database)
+            kinesalite.send_signal(signal.SIGSTOP)
+            try:
+                with engine.begin() as conn:
+                    enqueue(conn, [("paused-enrollment-events", "k1", b"an event waiting to be published")])
+
+                def claimed() -> bool:  # the relay took the row and is now waiting on Kinesis
+                    with engine.connect() as conn:
+                        return conn.execute(select(outbox.c.claimed_until)).scalar() is not None
+                helpers.wait_until(claimed, timeout=30, what="the relay to claim the row")
+                for i in range(5):  # each within its deadline: no write waits on the relay
+                    stub.CreateCourse(pb.CreateCourseRequest(course=pb.Course(
+                        course_id=f"k{i}", campus_id="k", name=f"Course {i}", capacity=10)), timeout=10)
+                    stub.UpdateCourse(pb.UpdateCourseRequest(course=pb.Course(course_id=f"k{i}", capacity=20),
+                                                             update_mask=["capacity"]), timeout=10)
+                stub.CreateCampus(pb.CreateCampusRequest(campus=pb.Campus(campus_id="k2", name="Second")),
+                                  timeout=10)
+            finally:
+                kinesalite.send_signal(signal.SIGCONT)
+
+            def published() -> bool:
+                with engine.connect() as conn:
+                    return conn.execute(select(outbox.c.id)).first() is None
+            helpers.wait_until(published, timeout=60, what="the row published once Kinesis is back")
+            settings = CommonSettings()
+            client = kinesis_client(settings.aws_region)
+            shards = client.list_shards(StreamName="paused-enrollment-events")["Shards"]
+            data = []
+            for shard in shards:
+                iterator = client.get_shard_iterator(StreamName="paused-enrollment-events", ShardId=shard["ShardId"],
+                                                     ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+                data += [r["Data"] for r in client.get_records(ShardIterator=iterator)["Records"]]
+            assert data == [b"an event waiting to be published"]
+            assert stub.GetCourse(pb.GetCourseRequest(course_id="k4")).capacity == 20
+            engine.dispose()
