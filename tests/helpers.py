@@ -49,14 +49,19 @@ def kinesalite(path: pathlib.Path | None = None, shard_limit: int = 100_000) -> 
 
 
 @contextlib.contextmanager
-def kinesalite_process(path: pathlib.Path | None = None,
-                       shard_limit: int = 100_000) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """As `kinesalite`, also yielding the process (for tests that pause or kill it)."""
-    port = free_port()
+def kinesalite_process(path: pathlib.Path | None = None, shard_limit: int = 100_000, *, port: int | None = None,
+                       log_path: pathlib.Path | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """As `kinesalite`, also yielding the process (for tests that pause or kill it); on
+    `port` when given, its output appended to `log_path` when given."""
+    port = port or free_port()
     command = ["node", str(ROOT / "dev" / "kinesalite.js"), "--port", str(port), "--shard-limit", str(shard_limit)]
     if path:
         command += ["--path", str(path)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if log_path is None:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    else:
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for_port(port)
         yield f"http://127.0.0.1:{port}", process

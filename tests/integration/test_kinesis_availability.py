@@ -11,30 +11,10 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import datetime
 
 from libs.kinesis import kinesis_client
 from tests import helpers
-
-
-@contextlib.contextmanager
-def kinesalite_process(port: int, log_path: pathlib.Path) -> Iterator[subprocess.Popen[bytes]]:
-    """dev/kinesalite.js (what `make run` starts) on `port`, in memory; the process itself."""
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            ["node", str(helpers.ROOT / "dev" / "kinesalite.js"), "--port", str(port), "--shard-limit", "100"],
-            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        helpers.wait_for_port(port)
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def half_a_post(port: int, reset: bool) -> None:
@@ -58,7 +38,8 @@ def test_kinesalite_outlives_clients_that_hang_up_in_the_middle_of_a_request(tmp
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "local")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local")
     port = helpers.free_port()
-    with kinesalite_process(port, tmp_path / "kinesalite.log") as process:
+    with helpers.kinesalite_process(shard_limit=100, port=port, log_path=tmp_path / "kinesalite.log") as (
+            _url, process):
         client = kinesis_client("us-east-1", f"http://127.0.0.1:{port}")
         client.create_stream(StreamName="after-aborts", ShardCount=1)
         for attempt in range(6):
@@ -112,7 +93,7 @@ def test_stats_started_before_kinesis_waits_past_a_minute_logging_each_retry_the
 
         helpers.wait_until(retried_for_65_seconds, timeout=150, what="65 s of logged Kinesis retries",
                            interval=1.0)
-        with kinesalite_process(kinesis_port, tmp_path / "kinesalite.log"):
+        with helpers.kinesalite_process(shard_limit=100, port=kinesis_port, log_path=tmp_path / "kinesalite.log"):
             helpers.wait_serving(stats_port, timeout=60, check_alive=check_alive)
     finally:
         process.terminate()

@@ -161,12 +161,14 @@ def test_until_started_every_method_answers_unavailable_while_health_and_reflect
                 assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, path
                 assert f"the {name} service is starting" in raised.value.details(), path
             health = health_pb2_grpc.HealthStub(channel)
-            assert health.Check(health_pb2.HealthCheckRequest(service=descriptor.full_name), timeout=10).status \
-                == health_pb2.HealthCheckResponse.NOT_SERVING
+            for service in ("", descriptor.full_name):
+                assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status \
+                    == health_pb2.HealthCheckResponse.NOT_SERVING
             reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
             answer = next(reflection.ServerReflectionInfo(
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
             assert descriptor.full_name in {s.name for s in answer.list_services_response.service}
+        # SIGTERM stops it at once although its start-up is still waiting for Kinesis.
         process.send_signal(signal.SIGTERM)
         assert process.wait(15) == 0
     finally:
