@@ -15,6 +15,9 @@ from tests import helpers
 # unless a test gives them a port of its own: several copies of one service run at once.
 for _service in ("REGISTRATION", "ENROLLMENT", "STATS", "NOTIFIER"):
     os.environ[f"{_service}_METRICS_PORT"] = "0"
+# ... and accept the tests' admin token; clients of the tests (the stats rebuild) send it.
+os.environ["ADMIN_TOKENS"] = helpers.ADMIN_TOKEN
+os.environ["ADMIN_TOKEN"] = helpers.ADMIN_TOKEN
 
 
 @pytest.fixture(scope="session")

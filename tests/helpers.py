@@ -28,6 +28,12 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
+# The admin token every service started by the tests accepts (tests/conftest.py sets
+# ADMIN_TOKENS): catalogue writes and personal-data reads send ADMIN_METADATA.
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+ADMIN_METADATA = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
