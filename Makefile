@@ -34,7 +34,9 @@ gen: $(GENERATED)
 ## run: the whole mesh on embedded defaults (kinesalite, SQLite, aiosmtpd), data under var/
 run: install gen
 	@mkdir -p var
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" exec $(VENV)/bin/honcho -f Procfile -e dev/local.env start
+	@test -s var/admin-token || (umask 077 && $(PY) -c 'import secrets; print(secrets.token_urlsafe(32))' > var/admin-token)
+	ADMIN_TOKENS="$${ADMIN_TOKENS:-$$(cat var/admin-token)}" PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
+		exec $(VENV)/bin/honcho -f Procfile -e dev/local.env start
 
 ## lint: ruff and mypy over the hand-written code (configured in pyproject.toml)
 lint: install gen

@@ -40,7 +40,8 @@ short but stable for 15 s the drain ends and the shortfall is reported.
 Writes bench/results/<date>-e2e.json, <date>-e2e.md and <date>-e2e-<db>-{latency,
 throughput,cpu}.png (E2E_RESULTS_DIR to write elsewhere). Other settings: E2E_BURST_SECONDS
 (10), E2E_CEILING_SECONDS (8), E2E_CHANNELS (4 client connections), E2E_REGISTRATION_PROCESSES
-(2), E2E_CALL_TIMEOUT (10 s deadline per call), ADMIN_TOKEN (sent as a bearer token on catalogue writes, if set).
+(2), E2E_CALL_TIMEOUT (10 s deadline per call), ADMIN_TOKEN (the bearer token catalogue writes send;
+one is made for the run if unset).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ import math
 import os
 import pathlib
 import platform
+import secrets
 import shutil
 import subprocess
 import sys
@@ -274,8 +276,11 @@ def sync_server(url: str, courses_file: pathlib.Path,
 
 
 def admin_metadata() -> list[tuple[str, str]]:
-    token = os.environ.get("ADMIN_TOKEN") or os.environ.get("E2E_ADMIN_TOKEN")
-    return [("authorization", f"Bearer {token}")] if token else []
+    """The bearer token catalogue writes send: ADMIN_TOKEN, else one made for this run
+    (and given to the services it starts as their ADMIN_TOKENS)."""
+    token = os.environ.setdefault("ADMIN_TOKEN", secrets.token_urlsafe(24))
+    os.environ.setdefault("ADMIN_TOKENS", token)
+    return [("authorization", f"Bearer {token}")]
 
 
 def create_catalogue(target: str, courses: list[dict[str, Any]]) -> None:
@@ -768,6 +773,7 @@ def run_sync(config: Config, kind: str, work: pathlib.Path, rates: list[tuple[st
 
 def main(argv: list[str]) -> int:
     config = Config.from_env()
+    admin_metadata()  # before any service starts: they accept the token this run sends
     today = dt.date.today().isoformat()
     results_dir = ROOT / config.results_dir
     results_dir.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,11 @@ def main() -> None:
         "\"month\": 12, \"day\": 10}, \"course_id\": \"cs101\", \"email\": \"ada@example.com\"}' "
         "127.0.0.1:50051 coursesignup.registration.v1.RegistrationService/Register",
         "",
+        "Catalogue writes and personal-data reads need the admin token (var/admin-token):",
+        "  .venv/bin/grpcurl -plaintext -H \"authorization: Bearer $(cat var/admin-token)\" -d "
+        "'{\"campus\": {\"campus_id\": \"online\", \"name\": \"Online\"}}' "
+        "127.0.0.1:50052 coursesignup.enrollment.v1.EnrollmentService/CreateCampus",
+        "",
     ]
     print("\n".join(lines), flush=True)
     signal.pause()

@@ -8,7 +8,7 @@ aiosmtpd on 127.0.0.1:1025.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,6 +29,20 @@ class CommonSettings(BaseSettings):
     worker_id: str | None = None
     # How long SIGTERM waits for in-flight calls to finish.
     shutdown_grace_seconds: float = 5.0
+    # Bearer tokens the admin methods accept (catalogue writes, personal-data reads),
+    # comma-separated so a token can be rotated: add the new one, move the clients, drop
+    # the old one. None configured: those methods are refused (secure by default).
+    admin_tokens: str = ""
+
+    @field_validator("admin_tokens")
+    @classmethod
+    def _long_enough(cls, value: str) -> str:
+        if any(len(token.strip()) < 16 for token in value.split(",") if token.strip()):
+            raise ValueError("ADMIN_TOKENS: every token must be at least 16 characters (use a random one)")
+        return value
+
+    def admin_token_list(self) -> list[str]:
+        return [token.strip() for token in self.admin_tokens.split(",") if token.strip()]
 
     def stream_name(self, base: str) -> str:
         return f"{self.kinesis_stream_prefix}{base}"

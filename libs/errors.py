@@ -21,21 +21,33 @@ class FieldViolation:
     description: str
 
 
+# google.rpc.ErrorInfo.domain of every error this project raises (AIP-193).
+ERROR_DOMAIN = "coursesignup"
+
+
 class ServiceError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # UPPER_SNAKE_CASE, stable: what a client program switches on (google.rpc.ErrorInfo).
+        self.reason = reason
+        self.metadata = metadata or {}
 
     def details(self) -> list[any_pb2.Any]:
         return []
 
     def to_status_proto(self) -> status_pb2.Status:
+        details = self.details()
+        if self.reason:
+            packed = any_pb2.Any()
+            packed.Pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata))
+            details = [packed, *details]
         return status_pb2.Status(
             code=getattr(code_pb2, self.code.name),
             message=self.message,
-            details=self.details(),
+            details=details,
         )
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import os
 import signal
@@ -31,7 +33,7 @@ from grpc_status import rpc_status
 from sqlalchemy.exc import OperationalError
 
 from libs.config import CommonSettings
-from libs.errors import ServiceError
+from libs.errors import ServiceError, Unauthenticated
 from libs.logs import configure_logging
 from libs.metrics import RpcMetrics
 
@@ -82,6 +84,34 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return deserialize
 
 
+class AdminTokens:
+    """The bearer tokens admin methods accept, compared in constant time."""
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        # Digests, so that every comparison is between equal lengths.
+        self._digests = [hashlib.sha256(token.encode()).digest() for token in tokens]
+
+    def check(self, context: grpc.aio.ServicerContext) -> None:
+        """Raises Unauthenticated unless the call carries `authorization: Bearer <a token>`."""
+        if not self._digests:
+            raise Unauthenticated("this method needs an admin token and none is configured on this service "
+                                  "(ADMIN_TOKENS): it is refused", reason="ADMIN_TOKEN_REQUIRED")
+        presented = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                presented = value if isinstance(value, str) else value.decode(errors="replace")
+        scheme, _, token = presented.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("this method needs the metadata `authorization: Bearer <admin token>`",
+                                  reason="ADMIN_TOKEN_REQUIRED")
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        valid = False
+        for known in self._digests:  # every one compared: the time does not tell which matched
+            valid |= hmac.compare_digest(digest, known)
+        if not valid:
+            raise Unauthenticated("the admin token is not valid", reason="ADMIN_TOKEN_REQUIRED")
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns ServiceError into its status; wraps each method's handler once, then reuses it.
 
@@ -90,8 +120,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     servicer has to guard against parts that do not exist yet. Unary and
     server-streaming methods are wrapped (the ones the protos declare)."""
 
-    def __init__(self, service: str = "service") -> None:
+    def __init__(self, service: str = "service", admin_methods: frozenset[str] = frozenset(),
+                 admin_tokens: AdminTokens | None = None) -> None:
         self.ready = False
+        self.admin_methods = admin_methods
+        self.admin_tokens = admin_tokens or AdminTokens([])
         self.starting_message = f"the {service} service is starting; retry shortly"
         # Method name -> handler (wrapped when unary-unary). Only methods the server
         # actually serves get here (unknown names resolve to None and are not kept), so
@@ -105,15 +138,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             if handler is None:
                 return None
             gate = None if details.method.startswith(_ALWAYS_OPEN) else self
+            admin = self.admin_tokens if details.method in self.admin_methods else None
             if handler.unary_unary is not None:
-                handler = _wrap_unary_unary(handler, details.method, gate)
+                handler = _wrap_unary_unary(handler, details.method, gate, admin)
             elif handler.unary_stream is not None:
-                handler = _wrap_unary_stream(handler, details.method, gate)
+                handler = _wrap_unary_stream(handler, details.method, gate, admin)
+            elif admin is not None:
+                raise RuntimeError(f"{details.method}: only unary and server-streaming methods can be admin methods")
             self._handlers[details.method] = handler
         return handler
 
 
-def _wrap_unary_unary(handler: Any, method: str, gate: ErrorInterceptor | None) -> Any:
+def _wrap_unary_unary(handler: Any, method: str, gate: ErrorInterceptor | None, admin: AdminTokens | None) -> Any:
     inner = handler.unary_unary
 
     metrics = RpcMetrics(method, "unary")
@@ -126,6 +162,8 @@ def _wrap_unary_unary(handler: Any, method: str, gate: ErrorInterceptor | None) 
                 await context.abort(grpc.StatusCode.UNAVAILABLE, gate.starting_message)
             if isinstance(request, _Undecodable):
                 await _abort_undecodable(request, context, method)
+            if admin is not None:
+                admin.check(context)
             return await inner(request, context)
         except asyncio.CancelledError:
             cancelled = True
@@ -144,7 +182,7 @@ def _wrap_unary_unary(handler: Any, method: str, gate: ErrorInterceptor | None) 
     )
 
 
-def _wrap_unary_stream(handler: Any, method: str, gate: ErrorInterceptor | None) -> Any:
+def _wrap_unary_stream(handler: Any, method: str, gate: ErrorInterceptor | None, admin: AdminTokens | None) -> Any:
     inner = handler.unary_stream
 
     metrics = RpcMetrics(method, "server_stream")
@@ -157,6 +195,8 @@ def _wrap_unary_stream(handler: Any, method: str, gate: ErrorInterceptor | None)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, gate.starting_message)
             if isinstance(request, _Undecodable):
                 await _abort_undecodable(request, context, method)
+            if admin is not None:
+                admin.check(context)
             async for response in inner(request, context):
                 yield response
         except (asyncio.CancelledError, GeneratorExit):
@@ -234,16 +274,20 @@ class ServiceHooks:
     # the kernel spreads new connections over them. Off by default, so a second copy of
     # a service started by mistake fails to bind instead of silently taking a share.
     reuse_port: bool = False
+    # Full method names ("/package.Service/Method") that need an admin token, and the tokens.
+    admin_methods: frozenset[str] = frozenset()
+    admin_tokens: Sequence[str] = ()
 
 
 async def serve(hooks: ServiceHooks, stop_event: asyncio.Event | None = None) -> int:
     """Serves until SIGTERM/SIGINT (or stop_event); returns the process exit code."""
-    gate = ErrorInterceptor(hooks.name)
+    gate = ErrorInterceptor(hooks.name, admin_tokens=AdminTokens(hooks.admin_tokens))
     server = grpc.aio.server(
         interceptors=[gate],
         options=[("grpc.so_reuseport", 1 if hooks.reuse_port else 0), *SERVER_OPTIONS],
     )
     hooks.register(server)
+    gate.admin_methods = frozenset(hooks.admin_methods)  # known once the servicers are registered
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _add_reflection(server, [*hooks.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])

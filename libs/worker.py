@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pool
 from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import Connection, Engine, MetaData, func, select
@@ -160,6 +161,16 @@ class Servicer:
     servicer: Any
     # Full proto service name, for health and reflection.
     name: str
+    # Methods that need `authorization: Bearer <one of ADMIN_TOKENS>`: catalogue writes
+    # and reads of personal data. Checked against the proto, so a typo fails at start.
+    admin_methods: tuple[str, ...] = ()
+
+    def admin_paths(self) -> list[str]:
+        declared = descriptor_pool.Default().FindServiceByName(self.name).methods_by_name
+        unknown = sorted(set(self.admin_methods) - set(declared))
+        if unknown:
+            raise ValueError(f"{self.name} has no methods {unknown}")
+        return [f"/{self.name}/{method}" for method in self.admin_methods]
 
 
 @dataclass
@@ -232,17 +243,20 @@ class Service(Generic[S]):
                           kinesis_client(settings.aws_region, settings.aws_endpoint_url_kinesis,
                                          max_pool_connections=self.kinesis_connections))
         names: list[str] = []
+        admin_methods: set[str] = set()
         runner = _Runner(self, runtime)
 
         def register(server: grpc.aio.Server) -> None:
             for servicer in self.servicers(runtime):
                 servicer.add_to_server(servicer.servicer, server)
                 names.append(servicer.name)
+                admin_methods.update(servicer.admin_paths())
+            hooks.admin_methods = frozenset(admin_methods)
 
         hooks = ServiceHooks(name=self.name, port=self.port, bind_host=settings.bind_host, register=register,
                              service_names=names, start=runner.start, stop=runner.stop,
-                             grace_seconds=settings.shutdown_grace_seconds)
-        hooks.reuse_port = self.reuse_port
+                             grace_seconds=settings.shutdown_grace_seconds, reuse_port=self.reuse_port,
+                             admin_tokens=settings.admin_token_list())
         return hooks
 
 

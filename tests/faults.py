@@ -108,10 +108,12 @@ def create_catalogue(target: str, capacities: dict[str, int], campus_of: Callabl
         stub = enrollment_pb2_grpc.EnrollmentServiceStub(channel)
         for campus_id in sorted({campus_of(c) for c in capacities}):
             stub.CreateCampus(enrollment_pb2.CreateCampusRequest(
-                campus=enrollment_pb2.Campus(campus_id=campus_id, name=campus_id.upper())))
+                campus=enrollment_pb2.Campus(campus_id=campus_id, name=campus_id.upper())),
+                    metadata=helpers.ADMIN_METADATA)
         for course_id, capacity in capacities.items():
             stub.CreateCourse(enrollment_pb2.CreateCourseRequest(course=enrollment_pb2.Course(
-                course_id=course_id, campus_id=campus_of(course_id), name=f"Course {course_id}", capacity=capacity)))
+                course_id=course_id, campus_id=campus_of(course_id), name=f"Course {course_id}", capacity=capacity)),
+                    metadata=helpers.ADMIN_METADATA)
 
 
 @dataclass

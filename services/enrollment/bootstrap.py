@@ -13,7 +13,7 @@ from libs.grpc_server import ServiceHooks, run_service
 from libs.kinesis import ENROLLMENT_EVENTS_STREAM
 from libs.worker import Runtime, Service, Servicer
 from services.enrollment.adapters.tables import metadata
-from services.enrollment.entrypoints.grpc_api import SERVICE_NAME, EnrollmentServicer
+from services.enrollment.entrypoints.grpc_api import ADMIN_METHODS, SERVICE_NAME, EnrollmentServicer
 from services.enrollment.service_layer.catalogue import seed_demo_catalogue
 from services.enrollment.service_layer.deciding import REGISTRATIONS
 from services.enrollment.settings import EnrollmentSettings
@@ -29,7 +29,7 @@ def service(settings: EnrollmentSettings) -> Service[EnrollmentSettings]:
     def servicers(runtime: Runtime[EnrollmentSettings]) -> list[Servicer]:
         assert runtime.engine is not None
         return [Servicer(enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server,
-                         EnrollmentServicer(runtime.engine, settings.enrollment_admin_token), SERVICE_NAME)]
+                         EnrollmentServicer(runtime.engine), SERVICE_NAME, ADMIN_METHODS)]
 
     return Service(
         name="enrollment",

@@ -14,6 +14,3 @@ class EnrollmentSettings(CommonSettings):
     enrollment_database_url: str = "sqlite:///var/enrollment.db"
     # Load the demo catalogue (two campuses, a few courses) when the catalogue is empty.
     seed_demo_catalogue: bool = False
-    # Bearer token that ExportEnrollments (personal data) requires: set a secret of
-    # your own, the same in the stats service's ENROLLMENT_ADMIN_TOKEN.
-    enrollment_admin_token: str = Field(default="local-development-admin-token-change-me", min_length=16)

@@ -96,7 +96,8 @@ def _servicers(runtime: Runtime[NotifierSettings]) -> list[Servicer]:
     runtime.on_stop(stop)
     runtime.after_commit(sender.wake_threadsafe)
     return [Servicer(notifier_pb2_grpc.add_NotifierServiceServicer_to_server,
-                     NotifierServicer(store, delivery_stats), SERVICE_NAME)]
+                     NotifierServicer(store, delivery_stats), SERVICE_NAME,
+                     admin_methods=("ListNotifications",))]  # recipients' addresses and names
 
 
 def service(settings: NotifierSettings) -> Service[NotifierSettings]:

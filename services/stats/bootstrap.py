@@ -30,7 +30,8 @@ def service(settings: StatsSettings) -> Service[StatsSettings]:
     def servicers(runtime: Runtime[StatsSettings]) -> list[Servicer]:
         assert runtime.engine is not None
         return [Servicer(stats_pb2_grpc.add_StatsServiceServicer_to_server,
-                         StatsServicer(runtime.engine, settings.stats_page_token_secret.encode()), SERVICE_NAME)]
+                         StatsServicer(runtime.engine, settings.stats_page_token_secret.encode()), SERVICE_NAME,
+                         admin_methods=("ListEnrollments",))]  # names, emails and birth dates
 
     return Service(
         name="stats",

@@ -2,7 +2,7 @@
 service's records (an operator's command).
 
 Streams every enrollment from the enrollment service at ENROLLMENT_TARGET (its
-ExportEnrollments call, with ENROLLMENT_ADMIN_TOKEN: the export carries personal data)
+ExportEnrollments call, with the admin token ADMIN_TOKEN: the export carries personal data)
 and rewrites the read model in STATS_DATABASE_URL in one transaction, printing progress.
 An export stream that drops once under way is resumed after the last page received,
 with a log line per resume (see adapters/enrollment_export.py).
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = StatsSettings()
     stats_engine = make_engine(settings.stats_database_url)
-    source = EnrollmentExport(settings.enrollment_target, settings.enrollment_admin_token, page_size=args.page_size)
+    source = EnrollmentExport(settings.enrollment_target, settings.admin_token, page_size=args.page_size)
     shown: dict[str, int] = {}
 
     def progress(stage: str, done: int, total: int) -> None:

@@ -17,6 +17,6 @@ class StatsSettings(CommonSettings):
     stats_page_token_secret: str = "local-development-page-token-secret-change-me"
     # Where the enrollment service answers, for the rebuild (python -m services.stats.rebuild).
     enrollment_target: str = "127.0.0.1:50052"
-    # The enrollment service's admin token (its ENROLLMENT_ADMIN_TOKEN): the rebuild's
-    # export of enrollments carries personal data.
-    enrollment_admin_token: str = "local-development-admin-token-change-me"
+    # The admin token the rebuild sends to ExportEnrollments (one of the enrollment
+    # service's ADMIN_TOKENS): the export carries personal data.
+    admin_token: str = ""

@@ -25,6 +25,7 @@ from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from coursesignup.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 from coursesignup.registration.v1 import registration_pb2, registration_pb2_grpc
 from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
+from tests import helpers
 from tests.helpers import ROOT, wait_until
 from tests.mesh import Mesh, RecordingSmtpHandler, running_mesh, smtp_server
 
@@ -97,9 +98,10 @@ def test_a_full_course_enrolls_exactly_its_capacity_and_emails_everyone(mesh, st
     _, smtp = mesh
     enrollment, registration, stats = stubs["enrollment"], stubs["registration"], stubs["stats"]
     enrollment.CreateCampus(enrollment_pb2.CreateCampusRequest(
-        campus=enrollment_pb2.Campus(campus_id="e2e", name="End to End")))
+        campus=enrollment_pb2.Campus(campus_id="e2e", name="End to End")), metadata=helpers.ADMIN_METADATA)
     enrollment.CreateCourse(enrollment_pb2.CreateCourseRequest(
-        course=enrollment_pb2.Course(course_id="tiny", campus_id="e2e", name="Tiny Seminar", capacity=3)))
+        course=enrollment_pb2.Course(course_id="tiny", campus_id="e2e", name="Tiny Seminar", capacity=3)),
+            metadata=helpers.ADMIN_METADATA)
 
     births = {f"student{i}@example.com": dt.date(1980 + i * 2, 1 + i, 10 + i) for i in range(10)}
     with ThreadPoolExecutor(max_workers=10) as pool:
@@ -143,7 +145,8 @@ def test_a_full_course_enrolls_exactly_its_capacity_and_emails_everyone(mesh, st
     assert enrolled_mail == enrolled_emails
 
     some_id = ids["student0@example.com"]
-    log = stubs["notifier"].ListNotifications(notifier_pb2.ListNotificationsRequest(registration_id=some_id))
+    log = stubs["notifier"].ListNotifications(notifier_pb2.ListNotificationsRequest(registration_id=some_id),
+        metadata=helpers.ADMIN_METADATA)
     assert {n.status for n in log.notifications} == {notifier_pb2.DELIVERY_STATUS_SENT}
     assert len(log.notifications) == 2
 
@@ -151,7 +154,8 @@ def test_a_full_course_enrolls_exactly_its_capacity_and_emails_everyone(mesh, st
 def test_an_enrolled_email_registering_again_is_declined_as_duplicate(mesh, stubs):
     enrollment, registration = stubs["enrollment"], stubs["registration"]
     enrollment.CreateCourse(enrollment_pb2.CreateCourseRequest(
-        course=enrollment_pb2.Course(course_id="dup101", campus_id="e2e", name="Duplicates", capacity=10)))
+        course=enrollment_pb2.Course(course_id="dup101", campus_id="e2e", name="Duplicates", capacity=10)),
+            metadata=helpers.ADMIN_METADATA)
     first = register(registration, "dup101", "twice@example.com", dt.date(2000, 5, 5))
     assert final_status(registration, first).status == R.REGISTRATION_STATUS_ENROLLED
     again = register(registration, "dup101", "Twice@Example.com", dt.date(2000, 5, 5))
@@ -232,6 +236,7 @@ def test_the_readme_grpcurl_examples_work_with_the_real_grpcurl(mesh):
                                  ("notifier", 50054)):
             command = command.replace(f"127.0.0.1:{default}", running.target(service))
         command = command.replace("<the id Register returned>", registration_id)
+        command = command.replace("$(cat var/admin-token)", helpers.ADMIN_TOKEN)  # what the shell would read
         argv = shlex.split(command)
         argv[0] = str(grpcurl)
         result = subprocess.run(argv, capture_output=True, text=True, timeout=30)

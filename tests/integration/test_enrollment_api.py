@@ -37,17 +37,19 @@ def violations(error: grpc.RpcError) -> set[str]:
 
 def code_of(call, *args) -> tuple[grpc.StatusCode, grpc.RpcError]:
     with pytest.raises(grpc.RpcError) as error:
-        call(*args)
+        call(*args, metadata=helpers.ADMIN_METADATA)
     return error.value.code(), error.value
 
 
 def test_catalogue_round_trip_with_pages_and_clear_errors(enrollment):
-    enrollment.CreateCampus(pb.CreateCampusRequest(campus=pb.Campus(campus_id="sp", name="São Paulo")))
+    enrollment.CreateCampus(pb.CreateCampusRequest(campus=pb.Campus(campus_id="sp", name="São Paulo")),
+                            metadata=helpers.ADMIN_METADATA)
     code, _ = code_of(enrollment.CreateCampus, pb.CreateCampusRequest(campus=pb.Campus(campus_id="sp", name="x")))
     assert code == grpc.StatusCode.ALREADY_EXISTS
     for i in range(5):
         created = enrollment.CreateCourse(pb.CreateCourseRequest(
-            course=pb.Course(course_id=f"c{i}", campus_id="sp", name=f"Course {i}", capacity=10 + i)))
+            course=pb.Course(course_id=f"c{i}", campus_id="sp", name=f"Course {i}", capacity=10 + i)),
+                metadata=helpers.ADMIN_METADATA)
         assert (created.capacity, created.enrolled_count) == (10 + i, 0)
 
     seen, token = [], ""
@@ -77,7 +79,7 @@ def test_catalogue_round_trip_with_pages_and_clear_errors(enrollment):
     assert violations(error) == {"course.course_id", "course.name", "course.capacity"}
 
     updated = enrollment.UpdateCourse(pb.UpdateCourseRequest(
-        course=pb.Course(course_id="c0", capacity=99), update_mask=["capacity"]))
+        course=pb.Course(course_id="c0", capacity=99), update_mask=["capacity"]), metadata=helpers.ADMIN_METADATA)
     assert (updated.capacity, updated.name) == (99, "Course 0")
     code, error = code_of(enrollment.UpdateCourse, pb.UpdateCourseRequest(
         course=pb.Course(course_id="c0", campus_id="rj"), update_mask=["campus_id"]))

@@ -17,14 +17,14 @@ from libs.db import make_engine
 from services.enrollment.adapters import tables
 from tests import helpers
 
-ADMIN_TOKEN = "export-test-admin-token"
-ADMIN = [("authorization", f"Bearer {ADMIN_TOKEN}")]
+ADMIN_TOKEN = helpers.ADMIN_TOKEN  # one of ADMIN_TOKENS (tests/conftest.py)
+ADMIN = list(helpers.ADMIN_METADATA)
 CREATED = datetime(2025, 1, 1, tzinfo=UTC)
 
 
 @pytest.fixture
 def enrollment(kinesis_env, database_url):
-    with helpers.serve_enrollment(database_url, enrollment_admin_token=ADMIN_TOKEN) as target:
+    with helpers.serve_enrollment(database_url) as target:
         with grpc.insecure_channel(target) as channel:
             yield enrollment_pb2_grpc.EnrollmentServiceStub(channel)
 
@@ -97,8 +97,8 @@ def test_the_export_needs_the_admin_token(enrollment, database_url):
     write_enrollments(database_url, 3)
     assert failure(enrollment, metadata=()).code() == grpc.StatusCode.UNAUTHENTICATED
     assert failure(enrollment, metadata=[("authorization", ADMIN_TOKEN)]).code() == grpc.StatusCode.UNAUTHENTICATED
-    wrong = failure(enrollment, metadata=[("authorization", "Bearer export-test-admin-tokeN")])
-    assert wrong.code() == grpc.StatusCode.PERMISSION_DENIED
+    wrong = failure(enrollment, metadata=[("authorization", f"Bearer {ADMIN_TOKEN[:-1]}X")])
+    assert wrong.code() == grpc.StatusCode.UNAUTHENTICATED
     assert ADMIN_TOKEN not in (wrong.details() or "")
 
 

@@ -30,7 +30,7 @@ FORGED_TEXT_KEYS = ["cs\x00101", "cs\ud800101", "\x00"]
 
 def refused(call, request, *codes: grpc.StatusCode) -> tuple[grpc.StatusCode, set[str]]:
     with pytest.raises(grpc.RpcError) as raised:
-        call(request, timeout=10)
+        call(request, timeout=10, metadata=helpers.ADMIN_METADATA)
     error = raised.value
     assert error.code() in (codes or (grpc.StatusCode.INVALID_ARGUMENT,)), (error.code(), error.details())
     fields: set[str] = set()
@@ -70,7 +70,8 @@ def test_decision_look_ups_with_a_nul_or_control_character_are_invalid_argument(
 
 def test_forged_catalogue_page_tokens_are_invalid_argument(enrollment):
     stub, _ = enrollment
-    stub.CreateCampus(enrollment_pb2.CreateCampusRequest(campus=enrollment_pb2.Campus(campus_id="sp", name="SP")))
+    stub.CreateCampus(enrollment_pb2.CreateCampusRequest(campus=enrollment_pb2.Campus(campus_id="sp", name="SP")),
+        metadata=helpers.ADMIN_METADATA)
     for key in FORGED_TEXT_KEYS:
         campuses = enrollment_pb2.ListCampusesRequest(page_token=encode_token(key, {"method": "ListCampuses"}))
         assert refused(stub.ListCampuses, campuses) == (grpc.StatusCode.INVALID_ARGUMENT, {"page_token"})
@@ -90,7 +91,7 @@ def test_a_filter_timestamp_beyond_the_calendar_is_invalid_argument(stats):
         request = stats_pb2.ListEnrollmentsRequest(course_id="cs101", filter=f'enroll_time > "{moment}"')
         assert refused(stats.ListEnrollments, request) == (grpc.StatusCode.INVALID_ARGUMENT, {"filter"})
     ordinary = stats_pb2.ListEnrollmentsRequest(course_id="cs101", filter='enroll_time > "9999-12-31T23:59:59Z"')
-    assert list(stats.ListEnrollments(ordinary, timeout=10).enrollments) == []
+    assert list(stats.ListEnrollments(ordinary, timeout=10, metadata=helpers.ADMIN_METADATA).enrollments) == []
 
 
 def test_forged_stats_page_tokens_are_invalid_argument(stats):
@@ -121,9 +122,10 @@ def test_forged_stats_page_tokens_are_invalid_argument(stats):
 def test_an_issued_registration_id_in_upper_case_answers_its_decision_not_pending(enrollment, monkeypatch):
     enrollment_stub, address = enrollment
     enrollment_stub.CreateCampus(enrollment_pb2.CreateCampusRequest(
-        campus=enrollment_pb2.Campus(campus_id="sp", name="SP")))
+        campus=enrollment_pb2.Campus(campus_id="sp", name="SP")), metadata=helpers.ADMIN_METADATA)
     enrollment_stub.CreateCourse(enrollment_pb2.CreateCourseRequest(
-        course=enrollment_pb2.Course(course_id="cs101", campus_id="sp", name="CS", capacity=5)))
+        course=enrollment_pb2.Course(course_id="cs101", campus_id="sp", name="CS", capacity=5)),
+            metadata=helpers.ADMIN_METADATA)
     port = helpers.free_port()
     monkeypatch.setenv("REGISTRATION_PORT", str(port))
     monkeypatch.setenv("ENROLLMENT_TARGET", address)

@@ -37,9 +37,10 @@ def test_enrollment_counts_rpcs_by_code_records_dead_letters_and_decisions(kines
             grpc.insecure_channel(target) as channel:
         stub = enrollment_pb2_grpc.EnrollmentServiceStub(channel)
         before = helpers.scrape(metrics_port)
-        stub.CreateCampus(pb.CreateCampusRequest(campus=pb.Campus(campus_id="m", name="Metrics")))
+        stub.CreateCampus(pb.CreateCampusRequest(campus=pb.Campus(campus_id="m", name="Metrics")),
+            metadata=helpers.ADMIN_METADATA)
         stub.CreateCourse(pb.CreateCourseRequest(course=pb.Course(course_id="m1", campus_id="m", name="M",
-                                                                  capacity=2)))
+                                                                  capacity=2)), metadata=helpers.ADMIN_METADATA)
         for _ in range(3):
             stub.ListCourses(pb.ListCoursesRequest())
         with pytest.raises(grpc.RpcError):

@@ -45,6 +45,7 @@ from libs.kinesis import (
 from libs.logs import JsonFormatter
 from services.notifier import bootstrap
 from services.notifier.settings import NotifierSettings
+from tests import helpers
 from tests.helpers import free_port, serve_in_thread, wait_until
 
 Kind = events_pb2.NotificationKind
@@ -154,7 +155,7 @@ class RunningNotifier:
 
     def notifications(self, registration_id: str) -> list[notifier_pb2.Notification]:
         request = notifier_pb2.ListNotificationsRequest(registration_id=registration_id)
-        return list(self.stub.ListNotifications(request, timeout=5).notifications)
+        return list(self.stub.ListNotifications(request, timeout=5, metadata=helpers.ADMIN_METADATA).notifications)
 
     def stats(self) -> notifier_pb2.GetDeliveryStatsResponse:
         return self.stub.GetDeliveryStats(notifier_pb2.GetDeliveryStatsRequest(), timeout=5)
@@ -430,8 +431,8 @@ def test_listing_without_a_valid_registration_id_is_invalid_argument_naming_the_
     for registration_id in ("", "   ", "x" * 300):
         with pytest.raises(grpc.RpcError) as raised:
             notifier.stub.ListNotifications(
-                notifier_pb2.ListNotificationsRequest(registration_id=registration_id), timeout=5
-            )
+                notifier_pb2.ListNotificationsRequest(registration_id=registration_id), timeout=5,
+                    metadata=helpers.ADMIN_METADATA)
         call = raised.value
         assert call.code() == grpc.StatusCode.INVALID_ARGUMENT, registration_id
         status = rpc_status.from_call(call)

@@ -166,7 +166,8 @@ def test_catalogue_writes_go_on_on_sqlite_while_a_paused_kinesis_holds_the_relay
         database = f"sqlite:///{tmp_path / 'enrollment.db'}"
         with helpers.serve_enrollment(database) as target, grpc.insecure_channel(target) as channel:
             stub = enrollment_pb2_grpc.EnrollmentServiceStub(channel)
-            stub.CreateCampus(pb.CreateCampusRequest(campus=pb.Campus(campus_id="k", name="Kinesis paused")))
+            stub.CreateCampus(pb.CreateCampusRequest(campus=pb.Campus(campus_id="k", name="Kinesis paused")),
+                metadata=helpers.ADMIN_METADATA)
             engine = make_engine(database)
             kinesalite.send_signal(signal.SIGSTOP)
             try:
@@ -179,11 +180,13 @@ def test_catalogue_writes_go_on_on_sqlite_while_a_paused_kinesis_holds_the_relay
                 helpers.wait_until(claimed, timeout=30, what="the relay to claim the row")
                 for i in range(5):  # each within its deadline: no write waits on the relay
                     stub.CreateCourse(pb.CreateCourseRequest(course=pb.Course(
-                        course_id=f"k{i}", campus_id="k", name=f"Course {i}", capacity=10)), timeout=10)
+                        course_id=f"k{i}", campus_id="k", name=f"Course {i}", capacity=10)), timeout=10,
+                            metadata=helpers.ADMIN_METADATA)
                     stub.UpdateCourse(pb.UpdateCourseRequest(course=pb.Course(course_id=f"k{i}", capacity=20),
-                                                             update_mask=["capacity"]), timeout=10)
+                                                             update_mask=["capacity"]), timeout=10,
+                                                                 metadata=helpers.ADMIN_METADATA)
                 stub.CreateCampus(pb.CreateCampusRequest(campus=pb.Campus(campus_id="k2", name="Second")),
-                                  timeout=10)
+                                  timeout=10, metadata=helpers.ADMIN_METADATA)
             finally:
                 kinesalite.send_signal(signal.SIGCONT)
 

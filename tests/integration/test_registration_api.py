@@ -88,7 +88,8 @@ def test_a_course_created_after_start_is_accepted_and_unknown_ones_are_not_found
     registration, enrollment_port = services
     with grpc.insecure_channel(f"127.0.0.1:{enrollment_port}") as channel:
         enrollment_pb2_grpc.EnrollmentServiceStub(channel).CreateCourse(enrollment_pb2.CreateCourseRequest(
-            course=enrollment_pb2.Course(course_id="brand-new", campus_id="sp", name="New", capacity=1)))
+            course=enrollment_pb2.Course(course_id="brand-new", campus_id="sp", name="New", capacity=1)),
+                metadata=helpers.ADMIN_METADATA)
     assert registration.Register(request(1, "brand-new")).status == R.REGISTRATION_STATUS_PENDING
     with pytest.raises(grpc.RpcError) as error:
         registration.Register(request(1, "never-created"))

@@ -40,7 +40,7 @@ from services.stats.service_layer.rebuild import (
 from tests import helpers
 from tests.helpers import postgres_schema
 
-ADMIN_TOKEN = "rebuild-test-admin-token"
+ADMIN_TOKEN = helpers.ADMIN_TOKEN  # one of ADMIN_TOKENS (tests/conftest.py)
 COURSES = {"cs101": "north", "cs102": "north", "ma201": "north", "bio1": "south", "art9": "south"}
 CREATED = datetime(2024, 12, 1, tzinfo=UTC)
 # Resumes in tests wait milliseconds, not the command's seconds.
@@ -59,7 +59,7 @@ def enrollment_url(database_url, tmp_path):
 @pytest.fixture
 def enrollment_target(kinesis_env, enrollment_url):
     """A real enrollment server on the enrollment database; its address."""
-    with helpers.serve_enrollment(enrollment_url, enrollment_admin_token=ADMIN_TOKEN) as target:
+    with helpers.serve_enrollment(enrollment_url) as target:
         yield target
 
 
@@ -249,7 +249,7 @@ def test_the_rebuild_command_prints_progress_and_refuses_running_workers(
     _write_enrollment_database(enrollment, kept)
     monkeypatch.setenv("STATS_DATABASE_URL", database_url)
     monkeypatch.setenv("ENROLLMENT_TARGET", enrollment_target)
-    monkeypatch.setenv("ENROLLMENT_ADMIN_TOKEN", ADMIN_TOKEN)
+    monkeypatch.setenv("ADMIN_TOKEN", ADMIN_TOKEN)
 
     assert rebuild_command.main(["--chunk-size", "100"]) == 0
     output = capsys.readouterr().err
@@ -280,12 +280,12 @@ def test_a_refused_or_unreachable_export_changes_nothing(
     monkeypatch.setenv("STATS_DATABASE_URL", database_url)
     monkeypatch.setenv("ENROLLMENT_TARGET", enrollment_target)
 
-    monkeypatch.setenv("ENROLLMENT_ADMIN_TOKEN", "not-the-admin-token")
+    monkeypatch.setenv("ADMIN_TOKEN", "not-the-admin-token-at-all")
     assert rebuild_command.main([]) == 3
-    assert "answered PERMISSION_DENIED" in capsys.readouterr().err
+    assert "answered UNAUTHENTICATED" in capsys.readouterr().err
     assert _contents(stats) == before
 
-    monkeypatch.setenv("ENROLLMENT_ADMIN_TOKEN", ADMIN_TOKEN)
+    monkeypatch.setenv("ADMIN_TOKEN", ADMIN_TOKEN)
     monkeypatch.setenv("ENROLLMENT_TARGET", f"127.0.0.1:{helpers.free_port()}")
     assert rebuild_command.main([]) == 3
     assert "answered UNAVAILABLE" in capsys.readouterr().err
@@ -459,7 +459,7 @@ def test_the_rebuild_command_resumes_a_reset_export_with_a_line_per_resume(
     kept, _ = _history(random.Random(13))
     _write_enrollment_database(enrollment, kept)
     monkeypatch.setenv("STATS_DATABASE_URL", database_url)
-    monkeypatch.setenv("ENROLLMENT_ADMIN_TOKEN", ADMIN_TOKEN)
+    monkeypatch.setenv("ADMIN_TOKEN", ADMIN_TOKEN)
 
     with ResettingProxy(enrollment_target, [12_000]) as proxy:
         monkeypatch.setenv("ENROLLMENT_TARGET", proxy.target)

@@ -36,6 +36,7 @@ from services.stats.domain.ages import age_on
 from services.stats.domain.model import StudentEnrolled
 from services.stats.service_layer.projection import add_enrollments
 from services.stats.settings import StatsSettings
+from tests import helpers
 from tests.helpers import free_port
 
 COURSES = {"cs101": "north", "cs102": "north", "bio1": "south"}
@@ -366,7 +367,7 @@ async def _pages(call, request, size: int) -> tuple[list, list]:
     """Every item of a paginated method, and the tokens it handed out."""
     items, tokens = [], []
     while True:
-        reply = await call(request)
+        reply = await call(request, metadata=helpers.ADMIN_METADATA)
         items += list(reply.course_stats if hasattr(reply, "course_stats") else reply.enrollments)
         if not reply.next_page_token:
             return items, tokens
@@ -428,8 +429,7 @@ def test_dynamic_queries_page_through_everything_in_order_and_refuse_altered_tok
                 stats_pb2.ListEnrollmentsRequest(
                     course_id="cs101", filter='age >= 30 AND enroll_time >= "2025-01-10T08:00:00Z"',
                     order_by="name, enroll_time desc", page_size=1000, as_of=when,
-                )
-            )
+                ), metadata=helpers.ADMIN_METADATA)
             assert [s.registration_id for s in filtered.enrollments] == older
 
             bad_requests = [
@@ -439,9 +439,11 @@ def test_dynamic_queries_page_through_everything_in_order_and_refuse_altered_tok
                  {"filter"}),
                 (stub.QueryCourseStats(stats_pb2.QueryCourseStatsRequest(order_by="name")), {"order_by"}),
                 (stub.QueryCourseStats(stats_pb2.QueryCourseStatsRequest(page_size=-1)), {"page_size"}),
-                (stub.ListEnrollments(stats_pb2.ListEnrollmentsRequest(course_id="CS 101", filter="age >")),
+                (stub.ListEnrollments(stats_pb2.ListEnrollmentsRequest(course_id="CS 101", filter="age >"),
+                    metadata=helpers.ADMIN_METADATA),
                  {"course_id"}),
-                (stub.ListEnrollments(stats_pb2.ListEnrollmentsRequest(course_id="cs101", filter="unknown = 1")),
+                (stub.ListEnrollments(stats_pb2.ListEnrollmentsRequest(course_id="cs101", filter="unknown = 1"),
+                    metadata=helpers.ADMIN_METADATA),
                  {"filter"}),
                 (stub.GetOverallStats(stats_pb2.GetOverallStatsRequest(view=7)), {"view"}),
             ]
@@ -458,7 +460,8 @@ def test_dynamic_queries_page_through_everything_in_order_and_refuse_altered_tok
                 bad_requests.append((stub.QueryCourseStats(altered), {"page_token"}))
             bad_requests.append(
                 (stub.ListEnrollments(stats_pb2.ListEnrollmentsRequest(course_id="cs102", order_by=listing.order_by,
-                                                                       as_of=when, page_token=roster_tokens[0])),
+                                                                       as_of=when, page_token=roster_tokens[0]),
+                                                                           metadata=helpers.ADMIN_METADATA),
                  {"page_token"})
             )
             for call, fields in bad_requests:
