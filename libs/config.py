@@ -33,6 +33,14 @@ class CommonSettings(BaseSettings):
     # comma-separated so a token can be rotated: add the new one, move the clients, drop
     # the old one. None configured: those methods are refused (secure by default).
     admin_tokens: str = ""
+    # TLS: with a certificate and its key every gRPC port serves TLS only; with
+    # TLS_CLIENT_CA_FILE too, clients must present a certificate that CA signed (mutual
+    # TLS). TLS_CA_FILE is what this service's own clients trust (registration ->
+    # enrollment, the stats rebuild); they present TLS_CERT_FILE when it is set.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+    tls_ca_file: str | None = None
 
     @field_validator("admin_tokens")
     @classmethod

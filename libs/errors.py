@@ -99,8 +99,26 @@ class PermissionDenied(ServiceError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+def _retry_info(seconds: float) -> any_pb2.Any:
+    retry_info = error_details_pb2.RetryInfo()
+    retry_info.retry_delay.FromMilliseconds(round(seconds * 1000))
+    packed = any_pb2.Any()
+    packed.Pack(retry_info)
+    return packed
+
+
 class Unavailable(ServiceError):
+    """Not now, nothing done: the client should retry after `retry_delay_seconds` (RetryInfo)."""
+
     code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, retry_delay_seconds: float = 1.0, *, reason: str = "SERVICE_UNAVAILABLE",
+                 metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.retry_delay_seconds = retry_delay_seconds
+
+    def details(self) -> list[any_pb2.Any]:
+        return [_retry_info(self.retry_delay_seconds)]
 
 
 class ResourceExhausted(ServiceError):
@@ -113,11 +131,7 @@ class ResourceExhausted(ServiceError):
         self.retry_delay_seconds = retry_delay_seconds
 
     def details(self) -> list[any_pb2.Any]:
-        retry_info = error_details_pb2.RetryInfo()
-        retry_info.retry_delay.FromMilliseconds(round(self.retry_delay_seconds * 1000))
-        packed = any_pb2.Any()
-        packed.Pack(retry_info)
-        return [packed]
+        return [_retry_info(self.retry_delay_seconds)]
 
 
 class Validator:

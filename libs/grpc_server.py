@@ -33,7 +33,7 @@ from grpc_status import rpc_status
 from sqlalchemy.exc import OperationalError
 
 from libs.config import CommonSettings
-from libs.errors import ServiceError, Unauthenticated
+from libs.errors import ServiceError, Unauthenticated, Unavailable
 from libs.logs import configure_logging
 from libs.metrics import RpcMetrics
 
@@ -159,7 +159,7 @@ def _wrap_unary_unary(handler: Any, method: str, gate: ErrorInterceptor | None, 
         cancelled = False
         try:
             if gate is not None and not gate.ready:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, gate.starting_message)
+                raise Unavailable(gate.starting_message, reason="SERVICE_STARTING")
             if isinstance(request, _Undecodable):
                 await _abort_undecodable(request, context, method)
             if admin is not None:
@@ -192,7 +192,7 @@ def _wrap_unary_stream(handler: Any, method: str, gate: ErrorInterceptor | None,
         cancelled = False
         try:
             if gate is not None and not gate.ready:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, gate.starting_message)
+                raise Unavailable(gate.starting_message, reason="SERVICE_STARTING")
             if isinstance(request, _Undecodable):
                 await _abort_undecodable(request, context, method)
             if admin is not None:
@@ -248,7 +248,9 @@ async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, method
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server")
     elif isinstance(error, OperationalError):
         log.warning("database unavailable", extra={"method": method})
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable; retry later")
+        status = rpc_status.to_status(Unavailable("database unavailable; retry later",
+                                                  reason="DATABASE_UNAVAILABLE").to_status_proto())
+        await context.abort(status.code, status.details, status.trailing_metadata)
     else:
         log.error("rpc failed", extra={"method": method}, exc_info=error)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
@@ -277,6 +279,20 @@ class ServiceHooks:
     # Full method names ("/package.Service/Method") that need an admin token, and the tokens.
     admin_methods: frozenset[str] = frozenset()
     admin_tokens: Sequence[str] = ()
+    # TLS (certificate chain, private key, and the CA client certificates must chain to
+    # for mutual TLS), as PEM bytes; None: plaintext.
+    tls: tuple[bytes, bytes, bytes | None] | None = None
+
+    @staticmethod
+    def tls_from(settings: CommonSettings) -> tuple[bytes, bytes, bytes | None] | None:
+        if not (settings.tls_cert_file or settings.tls_key_file):
+            if settings.tls_client_ca_file:
+                raise ValueError("TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE")
+            return None
+        if not (settings.tls_cert_file and settings.tls_key_file):
+            raise ValueError("TLS needs both TLS_CERT_FILE and TLS_KEY_FILE")
+        client_ca = _read(settings.tls_client_ca_file) if settings.tls_client_ca_file else None
+        return _read(settings.tls_cert_file), _read(settings.tls_key_file), client_ca
 
 
 async def serve(hooks: ServiceHooks, stop_event: asyncio.Event | None = None) -> int:
@@ -292,11 +308,17 @@ async def serve(hooks: ServiceHooks, stop_event: asyncio.Event | None = None) ->
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _add_reflection(server, [*hooks.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
     address = f"{hooks.bind_host}:{hooks.port}"
-    server.add_insecure_port(address)
+    if hooks.tls is None:
+        server.add_insecure_port(address)
+    else:
+        chain, key, client_ca = hooks.tls
+        server.add_secure_port(address, grpc.ssl_server_credentials(
+            [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None))
     for service in ("", *hooks.service_names):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
-    log.info("listening", extra={"address": address, "pid": os.getpid()})
+    log.info("listening", extra={"address": address, "pid": os.getpid(),
+                                 "tls": "off" if hooks.tls is None else "mutual" if hooks.tls[2] else "on"})
 
     stop_event = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -370,6 +392,11 @@ def _register_reflection_v1_descriptor() -> None:
             method.input_type = method.input_type.replace(old, new)
             method.output_type = method.output_type.replace(old, new)
     pool.Add(file)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
 
 
 def run(hooks: ServiceHooks) -> None:

@@ -256,7 +256,7 @@ class Service(Generic[S]):
         hooks = ServiceHooks(name=self.name, port=self.port, bind_host=settings.bind_host, register=register,
                              service_names=names, start=runner.start, stop=runner.stop,
                              grace_seconds=settings.shutdown_grace_seconds, reuse_port=self.reuse_port,
-                             admin_tokens=settings.admin_token_list())
+                             admin_tokens=settings.admin_token_list(), tls=ServiceHooks.tls_from(settings))
         return hooks
 
 

@@ -49,6 +49,9 @@ def main() -> int:
         if directory.is_dir():
             (directory / "__init__.py").touch()
             (directory / "py.typed").touch()
+    # The gRPC service config (retries on UNAVAILABLE, deadlines) travels with the code,
+    # for the services' own clients (libs.grpc_client); other clients read protos/.
+    shutil.copy(PROTOS / "coursesignup" / "service_config.json", GEN / "coursesignup" / "service_config.json")
     print(f"generated {len(sources)} proto files into {GEN.relative_to(ROOT)}/")
     return 0
 

@@ -199,13 +199,30 @@ def serve_in_thread(hooks: ServiceHooks, timeout: float = 60.0) -> Iterator[None
         except BaseException as error:  # noqa: BLE001 - reported to the test
             failure.append(error)
 
+    started = threading.Event()
+    if hooks.tls is not None:
+        # A plaintext health check cannot reach a TLS port: wait for the start-up itself,
+        # after which the server serves (readiness is set before the loop runs anything else).
+        start = hooks.start
+
+        async def start_then_signal() -> None:
+            if start is not None:
+                await start()
+            started.set()
+
+        hooks.start = start_then_signal
+
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
+
     def check_alive() -> None:
         if failure or not thread.is_alive():
             raise RuntimeError(f"{hooks.name} failed to start: {failure}")
 
-    wait_serving(hooks.port, timeout, check_alive)
+    if hooks.tls is None:
+        wait_serving(hooks.port, timeout, check_alive)
+    else:
+        wait_until(lambda: check_alive() or started.is_set(), timeout, f"{hooks.name} started")
     try:
         yield
     finally:

@@ -7,10 +7,9 @@ from __future__ import annotations
 import logging
 import os
 
-import grpc
-
 from coursesignup.enrollment.v1 import enrollment_pb2_grpc
 from coursesignup.registration.v1 import registration_pb2_grpc
+from libs import grpc_client
 from libs.grpc_server import ServiceHooks, run_service
 from libs.kinesis import REGISTRATIONS_STREAM, RecordBatcher
 from libs.metrics import multiprocess_dir
@@ -27,7 +26,7 @@ def service(settings: RegistrationSettings, *, worker: int | None = None) -> Ser
     """`worker` is this process's index when it is one of several sharing the port."""
 
     def servicers(runtime: Runtime[RegistrationSettings]) -> list[Servicer]:
-        channel = grpc.aio.insecure_channel(settings.enrollment_target)
+        channel = grpc_client.aio_channel(settings.enrollment_target, settings)
         catalogue = Catalogue(channel)
         commands = RecordBatcher(runtime.kinesis, runtime.stream_name(REGISTRATIONS_STREAM),
                                  max_wait_seconds=settings.register_batch_millis / 1000,

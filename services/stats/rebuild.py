@@ -19,6 +19,7 @@ import sys
 
 import grpc
 
+from libs import grpc_client
 from libs.db import make_engine
 from libs.logs import JsonFormatter
 from services.stats.adapters import enrollment_export
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = StatsSettings()
     stats_engine = make_engine(settings.stats_database_url)
-    source = EnrollmentExport(settings.enrollment_target, settings.admin_token, page_size=args.page_size)
+    source = EnrollmentExport(settings.enrollment_target, settings.admin_token, page_size=args.page_size,
+                              channel=lambda target: grpc_client.channel(target, settings))
     shown: dict[str, int] = {}
 
     def progress(stage: str, done: int, total: int) -> None:

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from coursesignup.enrollment.v1 import enrollment_pb2
+from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from libs.grpc_server import MAX_MESSAGE_BYTES
 from tests import helpers
 
@@ -78,3 +78,40 @@ def test_a_declared_method_the_server_does_not_implement_is_unimplemented_not_in
 def test_a_request_over_the_size_limit_is_refused_before_it_is_parsed(enrollment):
     oversized = enrollment_pb2.ListCoursesRequest(page_token="x" * (MAX_MESSAGE_BYTES + 1)).SerializeToString()
     assert _raw(enrollment, LIST_COURSES, oversized).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_the_services_own_clients_retry_unavailable_with_the_shipped_service_config():
+    """A server that answers UNAVAILABLE twice: a channel from libs.grpc_client gets the
+    third answer; a plain channel gets the first."""
+    from concurrent import futures
+
+    from libs import grpc_client
+    from libs.config import CommonSettings
+
+    attempts = []
+
+    def list_courses(request: bytes, context: grpc.ServicerContext) -> bytes:
+        attempts.append(1)
+        if len(attempts) % 3 != 0:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "not yet")
+        return b""
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "coursesignup.enrollment.v1.EnrollmentService",
+        {"ListCourses": grpc.unary_unary_rpc_method_handler(list_courses)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc_client.channel(f"127.0.0.1:{port}", CommonSettings()) as channel:
+            stub = enrollment_pb2_grpc.EnrollmentServiceStub(channel)
+            assert list(stub.ListCourses(enrollment_pb2.ListCoursesRequest()).courses) == []
+        assert len(attempts) == 3
+        attempts.clear()
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.enable_retries", 0)]) as channel:
+            with pytest.raises(grpc.RpcError) as raised:
+                enrollment_pb2_grpc.EnrollmentServiceStub(channel).ListCourses(enrollment_pb2.ListCoursesRequest())
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert len(attempts) == 1
+    finally:
+        server.stop(0)

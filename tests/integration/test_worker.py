@@ -10,8 +10,10 @@ import sys
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
 from sqlalchemy import select
 
 from coursesignup.enrollment.v1 import enrollment_pb2
@@ -160,6 +162,11 @@ def test_until_started_every_method_answers_unavailable_while_health_and_reflect
                         call(b"", timeout=10)
                 assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, path
                 assert f"the {name} service is starting" in raised.value.details(), path
+                if not method.server_streaming:  # (a stream's trailers carry them too; one kind suffices)
+                    details = rpc_status.from_call(raised.value).details
+                    retry, info = error_details_pb2.RetryInfo(), error_details_pb2.ErrorInfo()
+                    assert any(d.Unpack(retry) for d in details) and retry.retry_delay.ToMilliseconds() > 0
+                    assert any(d.Unpack(info) for d in details) and info.reason == "SERVICE_STARTING"
             health = health_pb2_grpc.HealthStub(channel)
             for service in ("", descriptor.full_name):
                 assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status \

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,8 +80,11 @@ class EnrollmentExport:
         backoff: Backoff = RESUME_BACKOFF,
         resume_attempts: int = RESUME_ATTEMPTS,
         resume_deadline_seconds: float = RESUME_DEADLINE_SECONDS,
+        channel: Callable[[str], grpc.Channel] = grpc.insecure_channel,
     ) -> None:
         self.target = target
+        # Makes the channel to `target` (TLS and the service config: libs.grpc_client).
+        self.make_channel = channel
         self.admin_token = admin_token
         self.page_size = page_size
         self.backoff = backoff
@@ -152,7 +155,7 @@ class _Stream:
         if self.opened:
             self.export.resumes += 1
         self.opened += 1
-        self.channel = grpc.insecure_channel(self.export.target)
+        self.channel = self.export.make_channel(self.export.target)
         stub = enrollment_pb2_grpc.EnrollmentServiceStub(self.channel)
         self.responses = stub.ExportEnrollments(
             enrollment_pb2.ExportEnrollmentsRequest(page_size=self.export.page_size, page_token=self.token),
