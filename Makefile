@@ -45,6 +45,11 @@ lint: install gen
 
 lint-protos: $(NODE_INSTALLED)
 	cd protos && ../node_modules/.bin/buf lint
+	@# An incompatible change to the API (a field renumbered, a type changed, a method
+	@# removed) against the previous commit fails here (buf's FILE rules).
+	@if git rev-parse -q --verify HEAD~1 >/dev/null; then \
+		cd protos && ../node_modules/.bin/buf breaking --against '../.git#ref=HEAD~1,subdir=protos'; \
+	else echo "buf breaking: no previous commit to compare with"; fi
 
 ## test: proto lint, then unit, integration (SQLite and PostgreSQL) and end-to-end tests
 test: install gen lint-protos
