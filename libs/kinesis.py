@@ -20,7 +20,7 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError
 from tenacity import retry_if_exception_type, retry_if_result
 
 from libs.backoff import DEPENDENCY_WAIT_BACKOFF, DEPENDENCY_WAIT_SECONDS, Backoff
@@ -38,7 +38,22 @@ BATCHED_RECORD_BACKOFF = Backoff(base_seconds=0.04, cap_seconds=1.0)
 
 
 class KinesisUnavailable(Exception):
-    """Kinesis did not accept a record in time."""
+    """Kinesis did not accept a record in time, and certainly did not write it."""
+
+
+class KinesisOutcomeUnknown(Exception):
+    """Kinesis did not answer in time for a record it may have written: a PutRecords that
+    carried it timed out waiting for an answer (or is still waiting). The caller must not
+    be told "not written"; a retry of the same record is deduplicated downstream."""
+
+
+def certainly_not_written(error: BaseException) -> bool:
+    """True when a failed PutRecords call certainly wrote none of its records: the request
+    never reached Kinesis (no connection), or Kinesis answered it with a client error.
+    A read timeout, a connection dropped after sending or a 5xx leaves the outcome open."""
+    if isinstance(error, ClientError):
+        return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)) < 500
+    return isinstance(error, (EndpointConnectionError, ConnectTimeoutError))
 
 
 def kinesis_client(region: str, endpoint_url: str | None = None, max_pool_connections: int = 20) -> Any:
@@ -160,9 +175,15 @@ def put_records(client: Any, stream: str, records: Sequence[OutgoingRecord], att
 class _Pending:
     record: OutgoingRecord
     future: asyncio.Future[str]
-    # When the backstop sweep gives up on this record (loop time).
+    # Loop time after which no new attempt starts: the caller's deadline, or the batcher's.
     expires: float
+    # Seconds the caller allowed, for the retry budget of rejected records.
+    budget: float
     attempts: int = 0
+    # A PutRecords carrying this record is running now.
+    in_flight: bool = False
+    # An earlier PutRecords carrying it ended without a clear answer: it may be written.
+    maybe_written: bool = False
 
 
 class RecordBatcher:
@@ -170,14 +191,23 @@ class RecordBatcher:
 
     Up to `max_in_flight` PutRecords calls run at once in worker threads; records that
     arrive meanwhile wait and leave together, so batches grow with the load. Records that
-    Kinesis rejects (throttling, internal failure) are retried with backoff until
-    `deadline_seconds`, after which their callers get KinesisUnavailable.
+    Kinesis rejects (throttling, internal failure) or whose call failed are retried with
+    backoff until the caller's deadline (`put(timeout=)`, else `deadline_seconds`).
 
-    Every path of `_send` settles the futures of its batch. As a backstop (a PutRecords
-    call that hangs past botocore's timeouts), one sweep per second fails the records
-    still unanswered `deadline_seconds + 5` after their `put`: one timer for the batcher,
-    not one per call.
+    Every answer is true: a future fails with KinesisUnavailable only when its record was
+    certainly not written (never sent, rejected, no connection), and with
+    KinesisOutcomeUnknown when an attempt may have written it (a read timeout). A record
+    in a PutRecords in flight is never given up while that call runs: the call's answer
+    decides. Records whose future is already done (a caller that gave up) are not sent.
+
+    As a backstop (a call that hangs past botocore's timeouts), one sweep per second
+    settles the records past their deadline: those waiting for a batch or a retry at once,
+    those in flight `IN_FLIGHT_GRACE_SECONDS` later (as unknown). One timer for the
+    batcher, not one per call.
     """
+
+    # botocore's connect (2 s) and read (10 s) timeouts, and a margin.
+    IN_FLIGHT_GRACE_SECONDS = 17.0
 
     def __init__(
         self,
@@ -195,7 +225,7 @@ class RecordBatcher:
         self._deadline = deadline_seconds
         self._sweep_seconds = sweep_seconds
         self._ready: collections.deque[_Pending] = collections.deque()  # waiting for a batch
-        self._outstanding: collections.deque[_Pending] = collections.deque()  # put order, for the sweep
+        self._outstanding: list[_Pending] = []  # not settled yet, for the sweep
         self._wake: asyncio.Future[None] | None = None
         self._slots = asyncio.Semaphore(max_in_flight)
         self._executor = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix=f"put-{stream}")
@@ -218,11 +248,15 @@ class RecordBatcher:
             task.cancel()
         self._executor.shutdown(wait=True)
 
-    def put(self, data: bytes, partition_key: str) -> asyncio.Future[str]:
-        """Queues one record; the returned future gets its sequence number (await it)."""
+    def put(self, data: bytes, partition_key: str, timeout: float | None = None) -> asyncio.Future[str]:
+        """Queues one record; the returned future gets its sequence number (await it).
+
+        `timeout`: seconds the caller waits (its gRPC deadline); no attempt starts after
+        it. Without one, the batcher's `deadline_seconds`."""
         loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
-        pending = _Pending(OutgoingRecord(partition_key, data), future, loop.time() + self._deadline + 5)
+        budget = self._deadline if timeout is None else max(timeout, 0.0)
+        pending = _Pending(OutgoingRecord(partition_key, data), future, loop.time() + budget, budget)
         self._ready.append(pending)
         self._outstanding.append(pending)
         self._wake_up()
@@ -243,39 +277,60 @@ class RecordBatcher:
             await self._slots.acquire()
             if self._max_wait and len(self._ready) < MAX_RECORDS_PER_PUT:
                 await asyncio.sleep(self._max_wait)
-            count = min(len(self._ready), MAX_RECORDS_PER_PUT)
-            batch = [self._ready.popleft() for _ in range(count)]
+            batch: list[_Pending] = []
+            while self._ready and len(batch) < MAX_RECORDS_PER_PUT:
+                pending = self._ready.popleft()
+                if not pending.future.done():  # settled while waiting (given up, caller gone): never sent
+                    pending.in_flight = True
+                    batch.append(pending)
+            if not batch:
+                self._slots.release()
+                continue
             self.batches_sent += 1
-            self.records_sent += count
+            self.records_sent += len(batch)
             task = loop.create_task(self._send(batch))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
     async def _send(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
         sequence_numbers: list[str | None] = [None] * len(batch)
+        not_written = True  # per-record rejections are certain; a failed call may not be
         try:
-            sequence_numbers = await asyncio.get_running_loop().run_in_executor(
+            sequence_numbers = await loop.run_in_executor(
                 self._executor, put_records_once, self._client, self._stream, [p.record for p in batch]
             )
         except (BotoCoreError, ClientError) as error:
-            log.warning("PutRecords failed", extra={"stream": self._stream, "error": str(error)})
-        except Exception:  # an unexpected answer: its records are retried like rejected ones
+            not_written = certainly_not_written(error)
+            log.warning("PutRecords failed", extra={"stream": self._stream, "error": str(error),
+                                                    "outcome": "not written" if not_written else "unknown"})
+        except Exception:  # an unexpected answer: its records are retried, their outcome unknown
+            not_written = False
             log.exception("PutRecords failed unexpectedly", extra={"stream": self._stream})
         finally:
             self._slots.release()
         for pending, sequence_number in zip(batch, sequence_numbers):
+            pending.in_flight = False
             if pending.future.done():
                 continue
             if sequence_number is not None:
                 pending.future.set_result(sequence_number)
                 continue
+            pending.maybe_written = pending.maybe_written or not not_written
             pending.attempts += 1
-            if pending.attempts * 0.05 > self._deadline or pending.attempts > 12:
-                pending.future.set_exception(KinesisUnavailable(f"stream {self._stream} did not accept the record"))
+            delay = BATCHED_RECORD_BACKOFF.delay(pending.attempts)
+            if pending.attempts * 0.05 > pending.budget or pending.attempts > 12:  # the sweep ends it at `expires`
+                self._give_up(pending, "did not accept the record")
             else:
                 self._retrying += 1
-                delay = BATCHED_RECORD_BACKOFF.delay(pending.attempts)
-                asyncio.get_running_loop().call_later(delay, self._retry, pending)
+                loop.call_later(delay, self._retry, pending)
+
+    def _give_up(self, pending: _Pending, why: str) -> None:
+        if pending.maybe_written:
+            pending.future.set_exception(KinesisOutcomeUnknown(
+                f"stream {self._stream} {why}; an earlier attempt may have written it"))
+        else:
+            pending.future.set_exception(KinesisUnavailable(f"stream {self._stream} {why}"))
 
     def _retry(self, pending: _Pending) -> None:
         self._retrying -= 1
@@ -284,12 +339,18 @@ class RecordBatcher:
             self._wake_up()
 
     def _sweep(self, now: float) -> None:
-        outstanding = self._outstanding
-        while outstanding and (outstanding[0].future.done() or outstanding[0].expires <= now):
-            pending = outstanding.popleft()
-            if not pending.future.done():
-                pending.future.set_exception(
-                    KinesisUnavailable(f"stream {self._stream} did not answer within {self._deadline + 5:.0f}s"))
+        still: list[_Pending] = []
+        for pending in self._outstanding:
+            if pending.future.done():
+                continue
+            if not pending.in_flight and pending.expires <= now:
+                self._give_up(pending, "was not reached before the deadline")
+            elif pending.in_flight and pending.expires + self.IN_FLIGHT_GRACE_SECONDS <= now:
+                pending.maybe_written = True
+                self._give_up(pending, f"did not answer within {self.IN_FLIGHT_GRACE_SECONDS:.0f}s of the deadline")
+            else:
+                still.append(pending)
+        self._outstanding = still
 
     async def _sweep_forever(self) -> None:
         loop = asyncio.get_running_loop()

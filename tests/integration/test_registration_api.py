@@ -250,9 +250,9 @@ def test_register_beyond_the_admission_limit_is_resource_exhausted_with_retry_in
     queued: list[bytes] = []
     original_put = kinesis_module.RecordBatcher.put
 
-    def counted_put(self, data, partition_key):
+    def counted_put(self, data, partition_key, **options):
         queued.append(data)
-        return original_put(self, data, partition_key)
+        return original_put(self, data, partition_key, **options)
 
     monkeypatch.setattr(kinesis_module.RecordBatcher, "put", counted_put)
     with helpers.serve_in_thread(enrollment_hooks(EnrollmentSettings())):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import time
@@ -14,8 +15,8 @@ from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from coursesignup.events.v1 import events_pb2
 from coursesignup.registration.v1 import registration_pb2, registration_pb2_grpc
 from libs.envelope import new_envelope
-from libs.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from libs.kinesis import KinesisUnavailable, RecordBatcher
+from libs.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
+from libs.kinesis import KinesisOutcomeUnknown, KinesisUnavailable, RecordBatcher
 from libs.proto_time import date_message
 from services.registration.adapters.catalogue import Catalogue
 from services.registration.domain.registration_ids import IdCheck, RegistrationIds
@@ -32,6 +33,17 @@ _STATUS = {
     enrollment_pb2.DECISION_OUTCOME_DECLINED_UNKNOWN_COURSE:
         registration_pb2.REGISTRATION_STATUS_DECLINED_UNKNOWN_COURSE,
 }
+
+
+class OutcomeUnknown(ServiceError):
+    """Kinesis did not answer before the caller's deadline for a record it may have
+    written: the sign-up may or may not be queued. Retrying with the same request_id is
+    safe either way (the same registration id, deduplicated downstream)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+UNKNOWN_OUTCOME = "unknown whether the sign-up was queued: retry with the same request_id"
 
 
 class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
@@ -65,7 +77,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
             self._shed()
         self.pending += 1
         try:
-            reply = await self._register(request)
+            reply = await self._register(request, context)
         finally:
             self.pending -= 1
         self.accepted += 1
@@ -83,7 +95,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
             self.retry_delay_seconds,
         )
 
-    async def _register(self, request: Any) -> Any:
+    async def _register(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         today = dt.datetime.now(dt.UTC).date()
         sign_up = validate_sign_up(
             request.name,
@@ -117,10 +129,17 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         )
         # One record per sign-up: enrollment decides it, and the notifier reads the same
         # record for the "received" email (two consumer applications of one stream).
+        # Every answer is true: OK once Kinesis accepted the record, UNAVAILABLE only when
+        # it certainly was not written, DEADLINE_EXCEEDED (unknown) when a PutRecords that
+        # may have written it has not answered by the caller's deadline.
+        timeout = context.time_remaining()
+        written = self.commands.put(command.SerializeToString(), sign_up.course_id, timeout=timeout)
         try:
-            await self.commands.put(command.SerializeToString(), sign_up.course_id)
+            await asyncio.wait_for(written, timeout)
         except KinesisUnavailable as error:
             raise Unavailable("the registration queue is unavailable; retry with the same request_id") from error
+        except (KinesisOutcomeUnknown, TimeoutError) as error:
+            raise OutcomeUnknown(UNKNOWN_OUTCOME) from error
         if log.isEnabledFor(logging.DEBUG):
             log.debug("registration queued", extra={"registration_id": registration_id,
                                                     "course_id": sign_up.course_id})
