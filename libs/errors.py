@@ -56,7 +56,11 @@ class InvalidArgument(ServiceError):
 
     def __init__(self, violations: list[FieldViolation]) -> None:
         summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
-        super().__init__(f"invalid argument: {summary}")
+        fields = [v.field for v in violations]
+        # A filter or a page token a program can tell apart from any other bad field.
+        reason = ("INVALID_FILTER" if fields == ["filter"] else "INVALID_PAGE_TOKEN" if fields == ["page_token"]
+                  else "FIELD_INVALID")
+        super().__init__(f"invalid argument: {summary}", reason=reason, metadata={"fields": ",".join(fields)})
         self.violations = violations
 
     @classmethod
