@@ -43,7 +43,7 @@ class ServiceError(Exception):
         if self.reason:
             packed = any_pb2.Any()
             packed.Pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata))
-            details = [packed, *details]
+            details = [*details, packed]  # after the specific ones: clients reading the first keep working
         return status_pb2.Status(
             code=getattr(code_pb2, self.code.name),
             message=self.message,
