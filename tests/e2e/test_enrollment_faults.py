@@ -46,10 +46,15 @@ def progress_printer(total: int, label: str) -> Any:
 
 
 def check_decisions(engine: Any, applicants: list[Applicant], accepted: dict[int, str],
-                    capacities: dict[str, int]) -> None:
+                    capacities: dict[str, int], unknown_course: set[str] | None = None) -> None:
+    """`unknown_course`: registrations also accepted, for courses that do not exist."""
     registration_ids = set(accepted.values())
     decided = {r[0]: r[1] for r in rows(engine, "SELECT registration_id, outcome FROM decisions")}
-    assert set(decided) == registration_ids, "every accepted registration has exactly one decision"
+    strays = unknown_course or set()
+    assert set(decided) == registration_ids | strays, "every accepted registration has exactly one decision"
+    assert {decided[r] for r in strays} <= {"DECLINED_UNKNOWN_COURSE"}
+    for stray in strays:
+        del decided[stray]
     seats = {r[0]: (r[1], r[2], r[3]) for r in rows(
         engine,
         "SELECT c.course_id, c.capacity, c.enrolled_count, count(e.email) FROM courses c "
@@ -232,13 +237,22 @@ def test_register_keeps_accepting_while_enrollment_and_its_database_are_down(tmp
 
                 proxy.stop()  # the database goes away under a running enrollment service ...
                 mesh.stop("enrollment", signal.SIGKILL)  # ... and the service itself dies
+                # A registration instance started during the outage knows no course yet:
+                # it still accepts, and enrollment decides when it is back.
+                mesh.stop("registration")
+                mesh.start("registration")
+                mesh.wait_healthy(["registration"])
                 burst = faults.make_applicants(rng, sorted(capacities), 600)
                 during = faults.register_all(mesh.target("registration"), burst)
                 assert not during.failures, Counter(during.failures.values())
                 assert len(during.accepted) == len(burst)
+                stray = faults.make_applicants(rng, ["nosuchcourse"], 1)
+                unverified = faults.register_all(mesh.target("registration"), stray)
+                assert not unverified.failures, unverified.failures
+                stray_id = unverified.accepted[0]
                 with grpc.insecure_channel(mesh.target("registration")) as channel:
                     stub = registration_pb2_grpc.RegistrationServiceStub(channel)
-                    some = rng.sample(sorted(set(during.accepted.values())), 10)
+                    some = rng.sample(sorted(set(during.accepted.values())), 10) + [stray_id]
                     statuses = {stub.GetRegistration(registration_pb2.GetRegistrationRequest(registration_id=r)).status
                                 for r in some}
                 assert statuses == {registration_pb2.REGISTRATION_STATUS_PENDING}
@@ -249,9 +263,18 @@ def test_register_keeps_accepting_while_enrollment_and_its_database_are_down(tmp
                 mesh.wait_healthy(["enrollment"])
                 accepted = {**first.accepted, **{len(warm) + i: r for i, r in during.accepted.items()}}
                 everyone = warm + burst
-                wait_for(lambda: scalar(engine, "SELECT count(*) FROM decisions") == len(set(accepted.values())),
+                wait_for(lambda: scalar(engine, "SELECT count(*) FROM decisions") == len(set(accepted.values())) + 1,
                          120, "the backlog decided")
-                check_decisions(engine, everyone, accepted, capacities)
+                with grpc.insecure_channel(mesh.target("registration")) as channel:
+                    stub = registration_pb2_grpc.RegistrationServiceStub(channel)
+                    # PENDING until registration's channel to enrollment has reconnected.
+                    wait_for(lambda: stub.GetRegistration(registration_pb2.GetRegistrationRequest(
+                        registration_id=stray_id)).status != registration_pb2.REGISTRATION_STATUS_PENDING,
+                        60, "the stray sign-up's decision visible")
+                    stray_status = stub.GetRegistration(registration_pb2.GetRegistrationRequest(
+                        registration_id=stray_id)).status
+                assert stray_status == registration_pb2.REGISTRATION_STATUS_DECLINED_UNKNOWN_COURSE
+                check_decisions(engine, everyone, accepted, capacities, unknown_course={stray_id})
                 engine.dispose()
         finally:
             proxy.close()
