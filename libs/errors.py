@@ -27,23 +27,23 @@ ERROR_DOMAIN = "coursesignup"
 
 class ServiceError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    # The ErrorInfo reason when a raise site names none (each site should name its own).
+    default_reason = "INTERNAL_ERROR"
 
     def __init__(self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         # UPPER_SNAKE_CASE, stable: what a client program switches on (google.rpc.ErrorInfo).
-        self.reason = reason
+        self.reason = reason or self.default_reason
         self.metadata = metadata or {}
 
     def details(self) -> list[any_pb2.Any]:
         return []
 
     def to_status_proto(self) -> status_pb2.Status:
-        details = self.details()
-        if self.reason:
-            packed = any_pb2.Any()
-            packed.Pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata))
-            details = [*details, packed]  # after the specific ones: clients reading the first keep working
+        packed = any_pb2.Any()
+        packed.Pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata))
+        details = [*self.details(), packed]  # after the specific ones: clients reading the first keep working
         return status_pb2.Status(
             code=getattr(code_pb2, self.code.name),
             message=self.message,
@@ -81,26 +81,31 @@ class InvalidArgument(ServiceError):
 
 class NotFound(ServiceError):
     code = grpc.StatusCode.NOT_FOUND
+    default_reason = "RESOURCE_NOT_FOUND"
 
 
 class AlreadyExists(ServiceError):
     code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "RESOURCE_ALREADY_EXISTS"
 
 
 class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
 
 
 class Unauthenticated(ServiceError):
     """The call carries no credentials where it needs some."""
 
     code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "ADMIN_TOKEN_REQUIRED"
 
 
 class PermissionDenied(ServiceError):
     """The call's credentials do not allow it."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
 
 
 def _retry_info(seconds: float) -> any_pb2.Any:
@@ -130,12 +135,28 @@ class ResourceExhausted(ServiceError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, message: str, retry_delay_seconds: float) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, retry_delay_seconds: float, *, reason: str = "OVERLOADED") -> None:
+        super().__init__(message, reason=reason)
         self.retry_delay_seconds = retry_delay_seconds
 
     def details(self) -> list[any_pb2.Any]:
         return [_retry_info(self.retry_delay_seconds)]
+
+
+class DeadlineExceeded(ServiceError):
+    """The outcome is unknown: the work may or may not have been done by the caller's
+    deadline. Retrying with the same idempotency key is safe."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "OUTCOME_UNKNOWN"
+
+
+def status_for(code: grpc.StatusCode, message: str, reason: str) -> status_pb2.Status:
+    """A status for an error that is not a ServiceError (raised by the server itself),
+    with its ErrorInfo like every other."""
+    packed = any_pb2.Any()
+    packed.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
+    return status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[packed])
 
 
 class Validator:

@@ -33,7 +33,7 @@ from grpc_status import rpc_status
 from sqlalchemy.exc import OperationalError
 
 from libs.config import CommonSettings
-from libs.errors import ServiceError, Unauthenticated, Unavailable
+from libs.errors import ServiceError, Unauthenticated, Unavailable, status_for
 from libs.logs import configure_logging
 from libs.metrics import RpcMetrics
 
@@ -109,7 +109,7 @@ class AdminTokens:
         for known in self._digests:  # every one compared: the time does not tell which matched
             valid |= hmac.compare_digest(digest, known)
         if not valid:
-            raise Unauthenticated("the admin token is not valid", reason="ADMIN_TOKEN_REQUIRED")
+            raise Unauthenticated("the admin token is not valid", reason="ADMIN_TOKEN_INVALID")
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -228,32 +228,38 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
 
 async def _abort_undecodable(request: _Undecodable, context: grpc.aio.ServicerContext, method: str) -> None:
     log.info("rpc rejected", extra={"method": method, "code": "INVALID_ARGUMENT", "reason": "undecodable request"})
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                        f"the request bytes are not a valid {method.rsplit('/', 1)[-1]} request message "
-                        f"({request.error})")
+    await _abort_with(context, status_for(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"the request bytes are not a valid {method.rsplit('/', 1)[-1]} request message ({request.error})",
+        "REQUEST_UNDECODABLE"))
+
+
+async def _abort_with(context: grpc.aio.ServicerContext, status_proto: Any) -> None:
+    status = rpc_status.to_status(status_proto)
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, method: str, started: float) -> None:
     """Ends a call that raised with its status: a ServiceError's own, UNAVAILABLE for a
     database that cannot be reached, INTERNAL (logged with its traceback) otherwise."""
     if isinstance(error, ServiceError):
-        status = rpc_status.to_status(error.to_status_proto())
         if error.code is not grpc.StatusCode.RESOURCE_EXHAUSTED:  # load shedding: counted, not logged per call
-            log.info("rpc rejected", extra={"method": method, "code": error.code.name,
+            log.info("rpc rejected", extra={"method": method, "code": error.code.name, "reason": error.reason,
                                             "millis": round((time.perf_counter() - started) * 1000, 2)})
-        await context.abort(status.code, status.details, status.trailing_metadata)
+        await _abort_with(context, error.to_status_proto())
     elif isinstance(error, NotImplementedError):
         # A method the proto declares but this server does not implement (the generated
         # base class raises this), e.g. grpc.health.v1.Health/List.
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server")
+        await _abort_with(context, status_for(grpc.StatusCode.UNIMPLEMENTED,
+                                              f"{method} is not implemented by this server", "METHOD_NOT_IMPLEMENTED"))
     elif isinstance(error, OperationalError):
         log.warning("database unavailable", extra={"method": method})
-        status = rpc_status.to_status(Unavailable("database unavailable; retry later",
-                                                  reason="DATABASE_UNAVAILABLE").to_status_proto())
-        await context.abort(status.code, status.details, status.trailing_metadata)
+        await _abort_with(context, Unavailable("database unavailable; retry later",
+                                               reason="DATABASE_UNAVAILABLE").to_status_proto())
     else:
         log.error("rpc failed", extra={"method": method}, exc_info=error)
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
+        await _abort_with(context, status_for(grpc.StatusCode.INTERNAL, "internal error; see the service log",
+                                              "INTERNAL_ERROR"))
 
 
 @dataclass

@@ -84,6 +84,15 @@ def test_a_valid_sign_up_is_normalized():
     [
         ({"name": ""}, {"name"}),
         ({"name": "Eve\r\nBcc: x@evil.test"}, {"name"}),
+        ({"name": "Eve\x85Bcc"}, {"name"}),  # NEL, a C1 control str.split() would have eaten
+        ({"name": "Ada \u202eecalevoL"}, {"name"}),  # RIGHT-TO-LEFT OVERRIDE
+        ({"name": "Ada\u2066Lovelace"}, {"name"}),  # LEFT-TO-RIGHT ISOLATE
+        ({"name": "Ada\u200bLovelace"}, {"name"}),  # ZERO WIDTH SPACE
+        ({"name": "Ada\u2028Lovelace"}, {"name"}),  # LINE SEPARATOR
+        ({"name": "Ada\ue000"}, {"name"}),  # private use
+        ({"name": "Ada\ufffe"}, {"name"}),  # noncharacter
+        ({"name": "Ada\U000e0001"}, {"name"}),  # LANGUAGE TAG (format)
+        ({"name": "a" * 201}, {"name"}),
         ({"birth_year": 0, "birth_month": 0, "birth_day": 0}, {"birth_date"}),
         ({"birth_month": 2, "birth_day": 30}, {"birth_date"}),
         ({"birth_year": 2027}, {"birth_date"}),
@@ -100,6 +109,13 @@ def test_a_valid_sign_up_is_normalized():
 )
 def test_bad_fields_are_each_named(overrides, fields):
     assert violated(**overrides) == fields
+
+
+def test_names_are_stored_in_nfc_and_keep_the_joiners_scripts_need():
+    assert sign_up(name="Jose\u0301  Silva").name == "Jos\u00e9 Silva"  # decomposed é composed
+    assert sign_up(name="\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645").name.count("\u200c") == 1  # ZWNJ
+    assert sign_up(name="\u0915\u094d\u200d\u0937").name.count("\u200d") == 1  # ZWJ, Devanagari
+    assert sign_up(name="a" * 200).name == "a" * 200
 
 
 def test_internationalized_addresses_are_accepted():

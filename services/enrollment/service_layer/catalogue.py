@@ -17,6 +17,7 @@ from libs.db import read_only
 from libs.errors import AlreadyExists, FailedPrecondition, NotFound, Validator
 from libs.ids import check_resource_id
 from libs.pagination import decode_token, encode_token, page_size
+from libs.text import check_display_name
 from services.enrollment.adapters.tables import campuses, courses, decisions
 from services.enrollment.domain.model import MAX_CAPACITY
 
@@ -27,31 +28,31 @@ class Page:
     next_page_token: str
 
 
-def _check_name(validator: Validator, field: str, value: str) -> None:
-    if not value.strip():
-        validator.add(field, "is required")
-    elif len(value) > 200:
-        validator.add(field, "must be at most 200 characters")
-    elif any(ord(ch) < 32 for ch in value):
-        validator.add(field, "must not contain control characters")
-
-
 def _check_capacity(validator: Validator, field: str, value: int) -> None:
     if value < 0 or value > MAX_CAPACITY:
         validator.add(field, f"must be between 0 and {MAX_CAPACITY}")
 
 
+def _campus_not_found(campus_id: str) -> NotFound:
+    return NotFound(f"campus {campus_id!r} not found", reason="CAMPUS_NOT_FOUND", metadata={"campus_id": campus_id})
+
+
+def _course_not_found(course_id: str) -> NotFound:
+    return NotFound(f"course {course_id!r} not found", reason="COURSE_NOT_FOUND", metadata={"course_id": course_id})
+
+
 def create_campus(engine: Engine, campus_id: str, name: str) -> Any:
     validator = Validator()
     check_resource_id(validator, "campus.campus_id", campus_id)
-    _check_name(validator, "campus.name", name)
+    name = check_display_name(validator, "campus.name", name)
     validator.check()
-    row = {"campus_id": campus_id, "name": name.strip(), "create_time": dt.datetime.now(dt.UTC)}
+    row = {"campus_id": campus_id, "name": name, "create_time": dt.datetime.now(dt.UTC)}
     try:
         with engine.begin() as conn:
             conn.execute(insert(campuses).values(**row))
     except IntegrityError as error:
-        raise AlreadyExists(f"campus {campus_id!r} already exists") from error
+        raise AlreadyExists(f"campus {campus_id!r} already exists", reason="CAMPUS_ALREADY_EXISTS",
+                            metadata={"campus_id": campus_id}) from error
     return get_campus(engine, campus_id)
 
 
@@ -62,7 +63,7 @@ def get_campus(engine: Engine, campus_id: str) -> Any:
     with read_only(engine).connect() as conn:
         row = conn.execute(select(campuses).where(campuses.c.campus_id == campus_id)).first()
     if row is None:
-        raise NotFound(f"campus {campus_id!r} not found")
+        raise _campus_not_found(campus_id)
     return row
 
 
@@ -82,18 +83,19 @@ def create_course(engine: Engine, course_id: str, campus_id: str, name: str, cap
     validator = Validator()
     check_resource_id(validator, "course.course_id", course_id)
     check_resource_id(validator, "course.campus_id", campus_id)
-    _check_name(validator, "course.name", name)
+    name = check_display_name(validator, "course.name", name)
     _check_capacity(validator, "course.capacity", capacity)
     validator.check()
     now = dt.datetime.now(dt.UTC)
     with engine.begin() as conn:
         if conn.execute(select(campuses.c.campus_id).where(campuses.c.campus_id == campus_id)).first() is None:
-            raise NotFound(f"campus {campus_id!r} not found")
+            raise _campus_not_found(campus_id)
         if conn.execute(select(courses.c.course_id).where(courses.c.course_id == course_id)).first() is not None:
-            raise AlreadyExists(f"course {course_id!r} already exists")
+            raise AlreadyExists(f"course {course_id!r} already exists", reason="COURSE_ALREADY_EXISTS",
+                                metadata={"course_id": course_id})
         conn.execute(
             insert(courses).values(
-                course_id=course_id, campus_id=campus_id, name=name.strip(), capacity=capacity,
+                course_id=course_id, campus_id=campus_id, name=name, capacity=capacity,
                 enrolled_count=0, create_time=now, update_time=now,
             )
         )
@@ -107,7 +109,7 @@ def get_course(engine: Engine, course_id: str) -> Any:
     with read_only(engine).connect() as conn:
         row = conn.execute(select(courses).where(courses.c.course_id == course_id)).first()
     if row is None:
-        raise NotFound(f"course {course_id!r} not found")
+        raise _course_not_found(course_id)
     return row
 
 
@@ -138,13 +140,13 @@ def update_course(engine: Engine, course_id: str, name: str, capacity: int, mask
     if unknown:
         validator.add("update_mask", f"unknown or immutable fields: {', '.join(sorted(unknown))}")
     if "name" in fields:
-        _check_name(validator, "course.name", name)
+        name = check_display_name(validator, "course.name", name)
     if "capacity" in fields:
         _check_capacity(validator, "course.capacity", capacity)
     validator.check()
     values: dict[str, Any] = {"update_time": dt.datetime.now(dt.UTC)}
     if "name" in fields:
-        values["name"] = name.strip()
+        values["name"] = name
     condition = [courses.c.course_id == course_id]
     if "capacity" in fields:
         values["capacity"] = capacity
@@ -155,9 +157,12 @@ def update_course(engine: Engine, course_id: str, name: str, capacity: int, mask
         if changed != 1:
             row = conn.execute(select(courses.c.enrolled_count).where(courses.c.course_id == course_id)).first()
             if row is None:
-                raise NotFound(f"course {course_id!r} not found")
+                raise _course_not_found(course_id)
             raise FailedPrecondition(
-                f"course {course_id!r} has {row.enrolled_count} students enrolled; capacity cannot go below that"
+                f"course {course_id!r} has {row.enrolled_count} students enrolled; capacity cannot go below that",
+                reason="CAPACITY_BELOW_ENROLLED",
+                metadata={"course_id": course_id, "enrolled_count": str(row.enrolled_count),
+                          "requested_capacity": str(capacity)},
             )
     return get_course(engine, course_id)
 
@@ -175,7 +180,8 @@ def get_decision(engine: Engine, registration_id: str) -> Any:
     with read_only(engine).connect() as conn:
         row = conn.execute(select(decisions).where(decisions.c.registration_id == registration_id)).first()
     if row is None:
-        raise NotFound(f"no decision recorded for registration {registration_id!r}")
+        raise NotFound(f"no decision recorded for registration {registration_id!r}", reason="DECISION_NOT_FOUND",
+                       metadata={"registration_id": registration_id})
     return row
 
 

@@ -11,18 +11,17 @@ from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
 
 from libs.errors import Validator
 from libs.ids import check_resource_id
+from libs.text import check_display_name
 
 LOCALES = {"en", "pt-BR"}
 MIN_AGE_YEARS = 1
 MAX_AGE_YEARS = 120
-MAX_NAME = 200
 # Every field's length is checked before any per-character work: gRPC allows 4 MB
 # messages, and email_validator's cost grows with its input (seconds over 4 MB, on the
 # event loop). An address is at most 254 characters (RFC 5321's path limit), as given:
 # the input is refused by its length alone, before anything parses it.
 MAX_EMAIL = 254
 MAX_REQUEST_ID = 128
-MAX_RAW_NAME = 4 * MAX_NAME
 
 # An unquoted ASCII local part (RFC 5322 dot-atom): email_validator keeps it as written.
 _ASCII_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
@@ -78,13 +77,7 @@ def validate_sign_up(
     today: dt.date,
 ) -> SignUp:
     validator = Validator()
-    clean_name = " ".join(name.split()) if len(name) <= MAX_RAW_NAME else name
-    if not clean_name:
-        validator.add("name", "is required")
-    elif len(clean_name) > MAX_NAME:
-        validator.add("name", f"must be at most {MAX_NAME} characters")
-    elif any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
-        validator.add("name", "must not contain control characters")
+    clean_name = check_display_name(validator, "name", name)
 
     birth_date: dt.date | None = None
     if (birth_year, birth_month, birth_day) == (0, 0, 0):

@@ -15,7 +15,7 @@ from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from coursesignup.events.v1 import events_pb2
 from coursesignup.registration.v1 import registration_pb2, registration_pb2_grpc
 from libs.envelope import new_envelope
-from libs.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
+from libs.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from libs.kinesis import KinesisOutcomeUnknown, KinesisUnavailable, RecordBatcher
 from libs.proto_time import date_message
 from services.registration.adapters.catalogue import Catalogue
@@ -35,15 +35,14 @@ _STATUS = {
 }
 
 
-class OutcomeUnknown(ServiceError):
-    """Kinesis did not answer before the caller's deadline for a record it may have
-    written: the sign-up may or may not be queued. Retrying with the same request_id is
-    safe either way (the same registration id, deduplicated downstream)."""
-
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
 UNKNOWN_OUTCOME = "unknown whether the sign-up was queued: retry with the same request_id"
+
+
+def _share_of_deadline(context: grpc.aio.ServicerContext, share: float, most: float) -> float:
+    """Seconds for a call this handler makes on the caller's behalf: `share` of what the
+    caller's deadline leaves, at most `most` (the whole of `most` with no deadline)."""
+    remaining = context.time_remaining()
+    return most if remaining is None else min(most, remaining * share)
 
 
 class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
@@ -108,7 +107,8 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
             request.locale,
             today,
         )
-        course = await self.catalogue.course(sign_up.course_id)
+        # Within the caller's deadline, leaving at least half of it for the queue write.
+        course = await self.catalogue.course(sign_up.course_id, timeout=_share_of_deadline(context, 0.5, 2.0))
         registration_id = self.ids.issue(sign_up.request_id, course_id=sign_up.course_id, email=sign_up.email)
         accepted = timestamp_pb2.Timestamp()
         accepted.GetCurrentTime()
@@ -137,9 +137,10 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         try:
             await asyncio.wait_for(written, timeout)
         except KinesisUnavailable as error:
-            raise Unavailable("the registration queue is unavailable; retry with the same request_id") from error
+            raise Unavailable("the registration queue is unavailable; retry with the same request_id",
+                              reason="QUEUE_UNAVAILABLE") from error
         except (KinesisOutcomeUnknown, TimeoutError) as error:
-            raise OutcomeUnknown(UNKNOWN_OUTCOME) from error
+            raise DeadlineExceeded(UNKNOWN_OUTCOME) from error
         if log.isEnabledFor(logging.DEBUG):
             log.debug("registration queued", extra={"registration_id": registration_id,
                                                     "course_id": sign_up.course_id})
@@ -155,13 +156,15 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         if check is IdCheck.MALFORMED:
             raise InvalidArgument.single("registration_id", "is not a registration id returned by Register")
         if check is IdCheck.NOT_ISSUED:
-            raise NotFound(f"registration {registration_id!r} not found")
+            raise NotFound(f"registration {registration_id!r} not found", reason="REGISTRATION_NOT_FOUND",
+                           metadata={"registration_id": registration_id})
         pending = registration_pb2.Registration(
             registration_id=registration_id, status=registration_pb2.REGISTRATION_STATUS_PENDING
         )
         try:
             decision = await self.enrollment.GetDecision(
-                enrollment_pb2.GetDecisionRequest(registration_id=registration_id), timeout=2
+                enrollment_pb2.GetDecisionRequest(registration_id=registration_id),
+                timeout=_share_of_deadline(context, 0.8, 2.0),
             )
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.NOT_FOUND:
