@@ -49,7 +49,7 @@ class RecordingSmtpHandler:
 def smtp_server(headers_only: bool = False) -> Iterator[tuple[int, RecordingSmtpHandler]]:
     handler = RecordingSmtpHandler(headers_only)
     port = helpers.free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller = Controller(handler, hostname="127.0.0.1", port=port, enable_SMTPUTF8=True)  # as make run
     controller.start()
     try:
         yield port, handler

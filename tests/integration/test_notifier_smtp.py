@@ -183,6 +183,32 @@ def test_internationalized_address_fails_permanently_on_a_server_without_smtputf
     assert handler.deliveries == []
 
 
+def test_an_ascii_mailbox_at_an_internationalised_domain_goes_out_in_ascii_without_smtputf8() -> None:
+    # Registration normalises x19@xn--bcher-kva.example to x19@bücher.example; both forms
+    # are deliverable by a server without SMTPUTF8 once the domain is written in IDNA.
+    handler = CountingHandler()
+    controller, port = _server(handler, enable_SMTPUTF8=False)
+    try:
+        for address in ("x19@bücher.example", "x19@xn--bcher-kva.example"):
+            recipient = validate_recipient(address)
+            assert recipient == "x19@xn--bcher-kva.example"
+            message = _message(address)
+            assert message.isascii() and b"To: x19@xn--bcher-kva.example\r\n" in message
+            asyncio.run(_send_raw(port, message, recipient))
+    finally:
+        controller.stop()
+    assert [recipients for recipients, _ in handler.deliveries] == [["x19@xn--bcher-kva.example"]] * 2
+    assert not any("SMTPUTF8" in option.upper() for _, options in handler.deliveries for option in options)
+
+
+async def _send_raw(port: int, message: bytes, recipient: str) -> None:
+    mailer = _mailer(port)
+    try:
+        await mailer.send(message, recipient)
+    finally:
+        await mailer.close()
+
+
 async def _send_one(port: int, recipient: str) -> None:
     mailer = _mailer(port)
     try:

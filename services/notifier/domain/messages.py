@@ -62,9 +62,12 @@ class InvalidRecipient(PermanentDeliveryError):
 # kept (an exception is not cached), in memory, as the database already holds them.
 @functools.lru_cache(maxsize=8192)
 def validate_recipient(address: str) -> str:
-    """The normalized form of exactly one syntactically valid address (no DNS lookup)."""
+    """The form to send to of exactly one syntactically valid address (no DNS lookup):
+    all ASCII whenever the local part is (an internationalised domain in its IDNA "xn--"
+    form), so only a local part outside ASCII needs a server with SMTPUTF8."""
     try:
-        return validate_email(address, check_deliverability=False).normalized
+        result = validate_email(address, check_deliverability=False)
+        return result.ascii_email or result.normalized
     except EmailNotValidError as error:
         raise InvalidRecipient(f"invalid recipient address: {error}") from error
 
