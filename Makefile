@@ -40,7 +40,7 @@ run: install gen
 
 ## lint: ruff and mypy over the hand-written code (configured in pyproject.toml)
 lint: install gen
-	$(VENV)/bin/ruff check libs services tests dev scripts
+	$(VENV)/bin/ruff check libs services tests dev scripts coursesignup_cli
 	$(VENV)/bin/mypy
 
 lint-protos: $(NODE_INSTALLED)
