@@ -35,8 +35,9 @@ gen: $(GENERATED)
 run: install gen
 	@mkdir -p var
 	@test -s var/admin-token || (umask 077 && $(PY) -c 'import secrets; print(secrets.token_urlsafe(32))' > var/admin-token)
+	@test -s var/secrets.env || (umask 077 && $(PY) -m dev.secrets > var/secrets.env)
 	ADMIN_TOKENS="$${ADMIN_TOKENS:-$$(cat var/admin-token)}" PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
-		exec $(VENV)/bin/honcho -f Procfile -e dev/local.env start
+		exec $(VENV)/bin/honcho -f Procfile -e dev/local.env,var/secrets.env start
 
 ## lint: ruff and mypy over the hand-written code (configured in pyproject.toml)
 lint: install gen

@@ -8,8 +8,31 @@ aiosmtpd on 127.0.0.1:1025.
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+import sys
+from typing import Annotated, TypeVar
+
+from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The development defaults earlier versions shipped: refused like a missing secret.
+_RETIRED_DEFAULTS = {"local-development-secret-change-me", "local-development-page-token-secret-change-me"}
+MIN_SECRET_CHARS = 16
+
+
+def _check_secret(value: str, info: ValidationInfo) -> str:
+    name = (info.field_name or "secret").upper()
+    if not value or value in _RETIRED_DEFAULTS:
+        raise ValueError(
+            f"{name} is not set{' (it holds a development default from the source)' if value else ''}: "
+            f"give every instance of this service the same random value, e.g. from "
+            f"`python -c 'import secrets; print(secrets.token_urlsafe(32))'` (make run keeps one in var/secrets.env)")
+    if len(value) < MIN_SECRET_CHARS:
+        raise ValueError(f"{name} must be at least {MIN_SECRET_CHARS} characters (use a random one)")
+    return value
+
+
+# A key the service signs or hashes with: no default in the source, required at start.
+Secret = Annotated[str, AfterValidator(_check_secret), Field(default="", validate_default=True, repr=False)]
 
 
 class CommonSettings(BaseSettings):
@@ -41,6 +64,10 @@ class CommonSettings(BaseSettings):
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None
     tls_ca_file: str | None = None
+    # Keys the pseudonyms personal data gets in logs (libs.logs.pseudonym): the same on
+    # every instance so lines about one student correlate; without it nobody can
+    # recompute a pseudonym from an address.
+    log_pseudonym_key: Secret
 
     @field_validator("admin_tokens")
     @classmethod
@@ -54,3 +81,19 @@ class CommonSettings(BaseSettings):
 
     def stream_name(self, base: str) -> str:
         return f"{self.kinesis_stream_prefix}{base}"
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(settings_class: type[S]) -> S:
+    """The settings from the environment, or exit 2 with one line per bad variable
+    (named as it is set), not a traceback."""
+    try:
+        return settings_class()
+    except ValidationError as error:
+        for problem in error.errors():
+            name = "_".join(str(part) for part in problem["loc"]).upper()
+            message = problem["msg"].removeprefix("Value error, ")
+            sys.stderr.write(f"configuration error: {message if message.startswith(name) else f'{name}: {message}'}\n")
+        raise SystemExit(2) from None

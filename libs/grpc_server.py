@@ -411,7 +411,7 @@ def run(hooks: ServiceHooks) -> None:
 
 def run_service(name: str, settings: S, build_hooks: Callable[[S], ServiceHooks]) -> None:
     """A service's main(): JSON logs, then serve until SIGTERM; exits non-zero if start-up failed."""
-    configure_logging(name, settings.log_level)
+    configure_logging(name, settings.log_level, settings.log_pseudonym_key)
     run(build_hooks(settings))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import secrets
 import sys
 import time
 from typing import Any
@@ -38,7 +39,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(service: str, level: str = "INFO") -> None:
+# The key of pseudonym(): the service's LOG_PSEUDONYM_KEY once configure_logging ran;
+# until then (library use, tests) a random one of this process's own.
+_pseudonym_key = secrets.token_bytes(32)
+
+
+def configure_logging(service: str, level: str = "INFO", pseudonym_key: str | None = None) -> None:
+    global _pseudonym_key
+    if pseudonym_key:
+        _pseudonym_key = hashlib.sha256(pseudonym_key.encode()).digest()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
@@ -50,5 +59,5 @@ def configure_logging(service: str, level: str = "INFO") -> None:
 
 def pseudonym(value: str) -> str:
     """A stable, non-reversible tag for personal data in logs (e.g. an email)."""
-    digest = hashlib.blake2b(value.strip().lower().encode(), digest_size=6, key=b"course-signup-logs")
+    digest = hashlib.blake2b(value.strip().lower().encode(), digest_size=6, key=_pseudonym_key)
     return "pii:" + digest.hexdigest()

@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select, update
 
-from libs.config import CommonSettings
+from libs.config import CommonSettings, load_settings
 from libs.consumer import dead_letters, metadata, shard_leases
 from libs.db import make_engine
 from libs.kinesis import OutgoingRecord, kinesis_client, put_records
@@ -46,7 +46,7 @@ class LeaseReport:
 
 
 def _target(description: ServiceDescription) -> tuple[CommonSettings, Engine, list[str]]:
-    settings = description.settings_class()
+    settings = load_settings(description.settings_class)
     engine = make_engine(getattr(settings, description.database_url_setting))
     metadata.create_all(engine)
     return settings, engine, [settings.stream_name(base) for base in description.consumed_streams]

@@ -3,8 +3,8 @@
 A token carries the last key of the page and a digest of the request's other
 parameters, signed with HMAC; a token replayed with different parameters, or edited,
 is rejected as INVALID_ARGUMENT naming page_token. Services pass their own secret
-(`key`) so that a client reading the source cannot forge tokens; without one, a
-built-in development key is used. Because a key may still leak, what a token carries
+(`key`, from configuration: no key is written in the source) so that a client reading
+the source cannot forge tokens. Because a key may still leak, what a token carries
 is held, even signed, to what a database can bind: text without NUL or lone
 surrogates, 64-bit integers, finite numbers (also inside a key that is itself JSON, a
 multi-column sort key); anything else is the same INVALID_ARGUMENT, never a driver's
@@ -30,7 +30,6 @@ from libs.errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-DEVELOPMENT_KEY = b"course-signup-page-token-v1"
 # What a SQL BIGINT (and SQLite's INTEGER) holds.
 _SQL_INTEGER = range(-(2**63), 2**63)
 
@@ -45,13 +44,13 @@ def _query_digest(query: object) -> str:
     return hashlib.sha256(json.dumps(query, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def encode_token(last_key: str, query: object, key: bytes = DEVELOPMENT_KEY) -> str:
+def encode_token(last_key: str, query: object, key: bytes) -> str:
     payload = json.dumps({"k": last_key, "q": _query_digest(query)}, separators=(",", ":")).encode()
     tag = hmac.new(key, payload, hashlib.sha256).digest()[:12]
     return base64.urlsafe_b64encode(tag + payload).decode().rstrip("=")
 
 
-def decode_token(token: str, query: object, key: bytes = DEVELOPMENT_KEY) -> str | None:
+def decode_token(token: str, query: object, key: bytes) -> str | None:
     """The last key of the previous page, or None for the first page."""
     if not token:
         return None

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from dev.secrets import setdefault_environ
 from tests import helpers
 
 # Services started by tests (in this process or as child processes) serve no /metrics
@@ -18,6 +19,8 @@ for _service in ("REGISTRATION", "ENROLLMENT", "STATS", "NOTIFIER"):
 # ... and accept the tests' admin token; clients of the tests (the stats rebuild) send it.
 os.environ["ADMIN_TOKENS"] = helpers.ADMIN_TOKEN
 os.environ["ADMIN_TOKEN"] = helpers.ADMIN_TOKEN
+# ... and have the secrets make run keeps in var/secrets.env (random, per test run).
+setdefault_environ()
 
 
 @pytest.fixture(scope="session")

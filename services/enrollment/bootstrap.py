@@ -9,6 +9,7 @@ import logging
 from sqlalchemy import Engine
 
 from coursesignup.enrollment.v1 import enrollment_pb2_grpc
+from libs.config import load_settings
 from libs.grpc_server import ServiceHooks, run_service
 from libs.kinesis import ENROLLMENT_EVENTS_STREAM
 from libs.worker import Runtime, Service, Servicer
@@ -28,8 +29,9 @@ def service(settings: EnrollmentSettings) -> Service[EnrollmentSettings]:
 
     def servicers(runtime: Runtime[EnrollmentSettings]) -> list[Servicer]:
         assert runtime.engine is not None
-        return [Servicer(enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server,
-                         EnrollmentServicer(runtime.engine), SERVICE_NAME, ADMIN_METHODS)]
+        servicer = EnrollmentServicer(runtime.engine, settings.enrollment_page_token_secret.encode())
+        return [Servicer(enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server, servicer, SERVICE_NAME,
+                         ADMIN_METHODS)]
 
     return Service(
         name="enrollment",
@@ -50,4 +52,4 @@ def build_hooks(settings: EnrollmentSettings) -> ServiceHooks:
 
 
 def main() -> None:
-    run_service("enrollment", EnrollmentSettings(), build_hooks)
+    run_service("enrollment", load_settings(EnrollmentSettings), build_hooks)

@@ -15,6 +15,7 @@ import logging
 from prometheus_client.core import GaugeMetricFamily
 
 from coursesignup.notifier.v1 import notifier_pb2_grpc
+from libs.config import load_settings
 from libs.grpc_server import ServiceHooks, run_service
 from libs.worker import Runtime, Service, Servicer
 from services.notifier.adapters.repository import NotificationStore, metadata
@@ -118,4 +119,4 @@ def build_hooks(settings: NotifierSettings) -> ServiceHooks:
 
 
 def main() -> None:
-    run_service("notifier", NotifierSettings(), build_hooks)
+    run_service("notifier", load_settings(NotifierSettings), build_hooks)

@@ -6,7 +6,7 @@ import os
 
 from pydantic import Field
 
-from libs.config import CommonSettings
+from libs.config import CommonSettings, Secret
 
 
 class RegistrationSettings(CommonSettings):
@@ -17,7 +17,7 @@ class RegistrationSettings(CommonSettings):
     enrollment_target: str = "127.0.0.1:50052"
     # Key that signs registration ids: set the same secret on every registration
     # instance; changing it makes earlier ids NOT_FOUND.
-    registration_id_secret: str = "local-development-secret-change-me"
+    registration_id_secret: Secret
     # How long Register waits to gather a PutRecords batch.
     register_batch_millis: float = 2.0
     # PutRecords calls in flight per stream; while they are busy, records queue up and

@@ -31,6 +31,7 @@ import time
 from types import FrameType
 
 from libs.backoff import Backoff
+from libs.config import load_settings
 from libs.logs import configure_logging
 from libs.metrics import MetricsEndpoint, registry_for_scrape
 from services.registration.settings import RegistrationSettings
@@ -149,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.registration")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    settings = RegistrationSettings()
+    settings = load_settings(RegistrationSettings)
     count = settings.worker_processes()
     if args.worker is None and count > 1:
-        configure_logging("registration", settings.log_level)
+        configure_logging("registration", settings.log_level, settings.log_pseudonym_key)
         if not port_is_free(settings.bind_host, settings.registration_port):
             log.error("port already in use", extra={"address": f"{settings.bind_host}:{settings.registration_port}"})
             return 1

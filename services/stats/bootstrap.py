@@ -8,6 +8,7 @@ import logging
 from sqlalchemy import Engine
 
 from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
+from libs.config import load_settings
 from libs.grpc_server import ServiceHooks, run_service
 from libs.worker import Runtime, Service, Servicer
 from services.stats.adapters.tables import metadata
@@ -51,4 +52,4 @@ def build_hooks(settings: StatsSettings) -> ServiceHooks:
 
 
 def main() -> None:
-    run_service("stats", StatsSettings(), build_hooks)
+    run_service("stats", load_settings(StatsSettings), build_hooks)

@@ -20,6 +20,7 @@ import sys
 import grpc
 
 from libs import grpc_client
+from libs.config import load_settings
 from libs.db import make_engine
 from libs.logs import JsonFormatter
 from services.stats.adapters import enrollment_export
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         "--page-size", type=int, default=PAGE_SIZE, help="enrollments per exported page (default %(default)s)"
     )
     args = parser.parse_args(argv)
-    settings = StatsSettings()
+    settings = load_settings(StatsSettings)
     stats_engine = make_engine(settings.stats_database_url)
     source = EnrollmentExport(settings.enrollment_target, settings.admin_token, page_size=args.page_size,
                               channel=lambda target: grpc_client.channel(target, settings))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from libs.config import CommonSettings
+from libs.config import CommonSettings, Secret
 
 
 class StatsSettings(CommonSettings):
@@ -14,7 +14,7 @@ class StatsSettings(CommonSettings):
     stats_database_url: str = "sqlite:///var/stats.db"
     # Key that signs page tokens: the same on every stats instance; changing it makes
     # outstanding tokens INVALID_ARGUMENT.
-    stats_page_token_secret: str = "local-development-page-token-secret-change-me"
+    stats_page_token_secret: Secret
     # Where the enrollment service answers, for the rebuild (python -m services.stats.rebuild).
     enrollment_target: str = "127.0.0.1:50052"
     # The admin token the rebuild sends to ExportEnrollments (one of the enrollment

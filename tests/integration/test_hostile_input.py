@@ -4,6 +4,7 @@ INTERNAL: filters, page tokens and ids, through the real servers on SQLite and P
 from __future__ import annotations
 
 import json
+import os
 
 import grpc
 import pytest
@@ -14,7 +15,7 @@ from grpc_status import rpc_status
 from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from coursesignup.registration.v1 import registration_pb2, registration_pb2_grpc
 from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
-from libs.pagination import DEVELOPMENT_KEY, encode_token
+from libs.pagination import encode_token
 from services.registration.bootstrap import build_hooks as registration_hooks
 from services.registration.settings import RegistrationSettings
 from services.stats.bootstrap import build_hooks as stats_hooks
@@ -22,7 +23,7 @@ from services.stats.settings import StatsSettings
 from tests import helpers
 
 STATS_TOKEN_SECRET = "a-secret-the-test-knows"
-# Keys a forger signs into a token (with the key from the source, or a leaked one):
+# Keys a forger signs into a token (with a leaked key):
 # each reached the database and failed there (psycopg DataError on NUL, the drivers'
 # UnicodeEncodeError on a lone surrogate, SQLite's OverflowError beyond 64 bits).
 FORGED_TEXT_KEYS = ["cs\x00101", "cs\ud800101", "\x00"]
@@ -72,14 +73,19 @@ def test_forged_catalogue_page_tokens_are_invalid_argument(enrollment):
     stub, _ = enrollment
     stub.CreateCampus(enrollment_pb2.CreateCampusRequest(campus=enrollment_pb2.Campus(campus_id="sp", name="SP")),
         metadata=helpers.ADMIN_METADATA)
+    leaked = os.environ["ENROLLMENT_PAGE_TOKEN_SECRET"].encode()  # the service's own key (tests/conftest.py)
     for key in FORGED_TEXT_KEYS:
-        campuses = enrollment_pb2.ListCampusesRequest(page_token=encode_token(key, {"method": "ListCampuses"}))
+        campuses = enrollment_pb2.ListCampusesRequest(page_token=encode_token(key, {"method": "ListCampuses"}, leaked))
         assert refused(stub.ListCampuses, campuses) == (grpc.StatusCode.INVALID_ARGUMENT, {"page_token"})
         courses = enrollment_pb2.ListCoursesRequest(
-            page_token=encode_token(key, {"method": "ListCourses", "campus_id": ""}, DEVELOPMENT_KEY))
+            page_token=encode_token(key, {"method": "ListCourses", "campus_id": ""}, leaked))
         assert refused(stub.ListCourses, courses) == (grpc.StatusCode.INVALID_ARGUMENT, {"page_token"})
+    # A well-formed token signed with the key earlier versions had in the source.
+    old = encode_token("a", {"method": "ListCampuses"}, b"course-signup-page-token-v1")
+    assert refused(stub.ListCampuses, enrollment_pb2.ListCampusesRequest(page_token=old)) == \
+        (grpc.StatusCode.INVALID_ARGUMENT, {"page_token"})
     # A token nesting JSON deeper than the parser's stack.
-    deep = encode_token("[" * 100_000, {"method": "ListCampuses"})
+    deep = encode_token("[" * 100_000, {"method": "ListCampuses"}, leaked)
     assert refused(stub.ListCampuses, enrollment_pb2.ListCampusesRequest(page_token=deep)) == \
         (grpc.StatusCode.INVALID_ARGUMENT, {"page_token"})
     # The genuine first page still answers.

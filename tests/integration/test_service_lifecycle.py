@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coursesignup.registration.v1 import registration_pb2 as R
 from coursesignup.registration.v1 import registration_pb2_grpc
+from dev.secrets import SECRET_VARIABLES
 from services.enrollment.bootstrap import build_hooks as enrollment_hooks
 from services.enrollment.settings import EnrollmentSettings
 from tests import helpers
@@ -94,3 +95,27 @@ def test_two_registration_processes_share_one_port_both_serve_and_sigterm_stops_
     # Both processes served Register calls, and together all of them.
     assert all(entry["register_accepted"] > 0 for entry in stopped), stopped
     assert sum(entry["register_accepted"] for entry in stopped) == calls
+
+
+def test_a_service_without_its_secrets_refuses_to_start_naming_each_variable(tmp_path):
+    # No secret has a default in the source (make run keeps them in var/secrets.env).
+    base = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
+    cases = {
+        "services.registration": {"REGISTRATION_ID_SECRET", "LOG_PSEUDONYM_KEY"},
+        "services.enrollment": {"ENROLLMENT_PAGE_TOKEN_SECRET", "LOG_PSEUDONYM_KEY"},
+        "services.stats": {"STATS_PAGE_TOKEN_SECRET", "LOG_PSEUDONYM_KEY"},
+        "services.notifier": {"LOG_PSEUDONYM_KEY"},
+    }
+    for module, missing in cases.items():
+        done = subprocess.run([sys.executable, "-m", module], env=base, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 2, (module, done.stderr)
+        named = {line.split(" ")[2].rstrip(":") for line in done.stderr.splitlines()
+                 if line.startswith("configuration error: ")}
+        assert named == missing, (module, done.stderr)
+        assert "Traceback" not in done.stderr
+    # The development default earlier versions had in the source is refused like none.
+    retired = {**os.environ, "REGISTRATION_ID_SECRET": "local-development-secret-change-me"}
+    done = subprocess.run([sys.executable, "-m", "services.registration"], env=retired, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "REGISTRATION_ID_SECRET is not set (it holds a development default" in done.stderr

@@ -55,8 +55,9 @@ def exported_enrollment_message(row: Any) -> enrollment_pb2.ExportedEnrollment:
 
 
 class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, page_token_key: bytes) -> None:
         self.engine = engine
+        self.page_token_key = page_token_key
 
     async def CreateCampus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         row = await asyncio.to_thread(catalogue.create_campus, self.engine, request.campus.campus_id,
@@ -67,7 +68,8 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
         return campus_message(await asyncio.to_thread(catalogue.get_campus, self.engine, request.campus_id))
 
     async def ListCampuses(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        page = await asyncio.to_thread(catalogue.list_campuses, self.engine, request.page_size, request.page_token)
+        page = await asyncio.to_thread(catalogue.list_campuses, self.engine, request.page_size, request.page_token,
+                                       self.page_token_key)
         return enrollment_pb2.ListCampusesResponse(
             campuses=[campus_message(r) for r in page.rows], next_page_token=page.next_page_token
         )
@@ -84,7 +86,8 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
 
     async def ListCourses(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         page = await asyncio.to_thread(
-            catalogue.list_courses, self.engine, request.campus_id, request.page_size, request.page_token
+            catalogue.list_courses, self.engine, request.campus_id, request.page_size, request.page_token,
+            self.page_token_key,
         )
         return enrollment_pb2.ListCoursesResponse(
             courses=[course_message(r) for r in page.rows], next_page_token=page.next_page_token
@@ -111,12 +114,13 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[enrollment_pb2.ExportEnrollmentsResponse]:
         # A bad cursor or size is refused before anything is sent.
-        export.check_page_token(request.page_token)
+        export.check_page_token(request.page_token, self.page_token_key)
         total = await asyncio.to_thread(export.count_enrollments, self.engine)
         token = request.page_token
         while True:
             # One page in memory at a time: the next is read once gRPC took this one.
-            page = await asyncio.to_thread(export.export_page, self.engine, request.page_size, token)
+            page = await asyncio.to_thread(export.export_page, self.engine, request.page_size, token,
+                                           self.page_token_key)
             yield enrollment_pb2.ExportEnrollmentsResponse(
                 enrollments=[exported_enrollment_message(row) for row in page.rows],
                 next_page_token=page.next_page_token,

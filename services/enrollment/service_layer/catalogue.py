@@ -67,15 +67,16 @@ def get_campus(engine: Engine, campus_id: str) -> Any:
     return row
 
 
-def list_campuses(engine: Engine, requested_size: int, token: str) -> Page:
+def list_campuses(engine: Engine, requested_size: int, token: str, token_key: bytes) -> Page:
     size = page_size(requested_size)
-    after = decode_token(token, {"method": "ListCampuses"})
+    after = decode_token(token, {"method": "ListCampuses"}, token_key)
     query = select(campuses).order_by(campuses.c.campus_id).limit(size + 1)
     if after is not None:
         query = query.where(campuses.c.campus_id > after)
     with read_only(engine).connect() as conn:
         rows = conn.execute(query).all()
-    next_token = encode_token(rows[size - 1].campus_id, {"method": "ListCampuses"}) if len(rows) > size else ""
+    next_token = (encode_token(rows[size - 1].campus_id, {"method": "ListCampuses"}, token_key)
+                  if len(rows) > size else "")
     return Page(list(rows[:size]), next_token)
 
 
@@ -113,14 +114,14 @@ def get_course(engine: Engine, course_id: str) -> Any:
     return row
 
 
-def list_courses(engine: Engine, campus_id: str, requested_size: int, token: str) -> Page:
+def list_courses(engine: Engine, campus_id: str, requested_size: int, token: str, token_key: bytes) -> Page:
     if campus_id:
         validator = Validator()
         check_resource_id(validator, "campus_id", campus_id)
         validator.check()
     size = page_size(requested_size)
     query_key = {"method": "ListCourses", "campus_id": campus_id}
-    after = decode_token(token, query_key)
+    after = decode_token(token, query_key, token_key)
     query = select(courses).order_by(courses.c.course_id).limit(size + 1)
     if campus_id:
         query = query.where(courses.c.campus_id == campus_id)
@@ -128,7 +129,7 @@ def list_courses(engine: Engine, campus_id: str, requested_size: int, token: str
         query = query.where(courses.c.course_id > after)
     with read_only(engine).connect() as conn:
         rows = conn.execute(query).all()
-    next_token = encode_token(rows[size - 1].course_id, query_key) if len(rows) > size else ""
+    next_token = encode_token(rows[size - 1].course_id, query_key, token_key) if len(rows) > size else ""
     return Page(list(rows[:size]), next_token)
 
 

@@ -28,9 +28,9 @@ class ExportPage:
     next_page_token: str
 
 
-def check_page_token(token: str) -> None:
+def check_page_token(token: str, token_key: bytes) -> None:
     """Raises InvalidArgument (naming page_token) for a token this method did not issue."""
-    decode_token(token, _TOKEN_QUERY)
+    decode_token(token, _TOKEN_QUERY, token_key)
 
 
 def count_enrollments(engine: Engine) -> int:
@@ -38,9 +38,9 @@ def count_enrollments(engine: Engine) -> int:
         return int(conn.execute(select(func.count()).select_from(enrollments)).scalar_one())
 
 
-def export_page(engine: Engine, requested_size: int, token: str) -> ExportPage:
+def export_page(engine: Engine, requested_size: int, token: str, token_key: bytes) -> ExportPage:
     size = page_size(requested_size)
-    after = decode_token(token, _TOKEN_QUERY)
+    after = decode_token(token, _TOKEN_QUERY, token_key)
     query = (
         select(
             enrollments.c.registration_id,
@@ -61,4 +61,4 @@ def export_page(engine: Engine, requested_size: int, token: str) -> ExportPage:
         rows = list(conn.execute(query))
     if len(rows) <= size:
         return ExportPage(rows, "")
-    return ExportPage(rows[:size], encode_token(rows[size - 1].registration_id, _TOKEN_QUERY))
+    return ExportPage(rows[:size], encode_token(rows[size - 1].registration_id, _TOKEN_QUERY, token_key))
