@@ -120,8 +120,9 @@ class Unavailable(ServiceError):
     """Not now, nothing done: the client should retry after `retry_delay_seconds` (RetryInfo)."""
 
     code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "SERVICE_UNAVAILABLE"
 
-    def __init__(self, message: str, retry_delay_seconds: float = 1.0, *, reason: str = "SERVICE_UNAVAILABLE",
+    def __init__(self, message: str, retry_delay_seconds: float = 1.0, *, reason: str | None = None,
                  metadata: dict[str, str] | None = None) -> None:
         super().__init__(message, reason=reason, metadata=metadata)
         self.retry_delay_seconds = retry_delay_seconds
@@ -134,8 +135,9 @@ class ResourceExhausted(ServiceError):
     """Too much load right now: the client should retry after `retry_delay_seconds` (RetryInfo)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "OVERLOADED"
 
-    def __init__(self, message: str, retry_delay_seconds: float, *, reason: str = "OVERLOADED") -> None:
+    def __init__(self, message: str, retry_delay_seconds: float, *, reason: str | None = None) -> None:
         super().__init__(message, reason=reason)
         self.retry_delay_seconds = retry_delay_seconds
 
