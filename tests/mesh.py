@@ -142,7 +142,6 @@ def running_mesh(
         "NOTIFIER_DATABASE_URL": urls["notifier"],
         "SMTP_HOST": "127.0.0.1",
         "SMTP_PORT": str(smtp_port),
-        "REGISTRATION_ID_SECRET": "e2e-secret",
         "PYTHONUNBUFFERED": "1",
         **(extra_env or {}),
     }
