@@ -6,6 +6,7 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
 
 from coursesignup.events.v1 import events_pb2
+from libs import tracing
 
 
 class MalformedRecord(ValueError):
@@ -24,7 +25,8 @@ def new_envelope(
     The message id is derived from the correlation id (the registration id) and the body's
     type, so the same fact produced twice (a batch redone, a relay retried) carries the same
     id and consumers can tell a copy from a new message. `time` lets a batch share one
-    timestamp instead of reading the clock per message.
+    timestamp instead of reading the clock per message. With tracing on, the envelope
+    carries the current span's context (libs.tracing), so its consumers continue the trace.
     """
     (field, message), = body.items()
     if time is None:
@@ -34,6 +36,7 @@ def new_envelope(
         message_id=message_id or f"{field}:{correlation_id}",
         time=time,
         correlation_id=correlation_id,
+        trace_context=tracing.current_carrier() or None,
         **{field: message},  # type: ignore[arg-type]
     )
 

@@ -32,6 +32,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from grpc_status import rpc_status
 from sqlalchemy.exc import OperationalError
 
+from libs import tracing
 from libs.config import CommonSettings
 from libs.errors import ServiceError, Unauthenticated, Unavailable, status_for
 from libs.logs import configure_logging
@@ -145,6 +146,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 handler = _wrap_unary_stream(handler, details.method, gate, admin)
             elif admin is not None:
                 raise RuntimeError(f"{details.method}: only unary and server-streaming methods can be admin methods")
+            if gate is not None and tracing.enabled():  # decided once per method: no cost per call when off
+                handler = _traced(handler, details.method)
             self._handlers[details.method] = handler
         return handler
 
@@ -214,6 +217,51 @@ def _wrap_unary_stream(handler: Any, method: str, gate: ErrorInterceptor | None,
         request_deserializer=_lenient(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
+
+
+def _traced(handler: Any, method: str) -> Any:
+    """`handler` inside the call's server span, which continues the caller's `traceparent`.
+
+    The span wraps the error mapping too, so it ends with the status the caller gets.
+    Health and reflection are not traced (probes would drown the traces)."""
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            span = tracing.server_span(method, context.invocation_metadata())
+            assert span is not None
+            code = None
+            try:
+                with tracing.current(span):
+                    return await inner(request, context)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            finally:
+                tracing.end_server_span(span, code or _code_name(context))
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+    if handler.unary_stream is not None:
+        inner_stream = handler.unary_stream
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            span = tracing.server_span(method, context.invocation_metadata())
+            assert span is not None
+            code = None
+            try:
+                with tracing.current(span):
+                    async for response in inner_stream(request, context):
+                        yield response
+            except (asyncio.CancelledError, GeneratorExit):
+                code = "CANCELLED"
+                raise
+            finally:
+                tracing.end_server_span(span, code or _code_name(context))
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, request_deserializer=handler.request_deserializer,
+                                                    response_serializer=handler.response_serializer)
+    return handler
 
 
 def _code_name(context: grpc.aio.ServicerContext) -> str:
@@ -406,7 +454,13 @@ def _read(path: str) -> bytes:
 
 
 def run(hooks: ServiceHooks) -> None:
-    sys.exit(asyncio.run(serve(hooks)))
+    """Serves `hooks` in this process, traced when OTEL_EXPORTER_OTLP_ENDPOINT is set (libs.tracing)."""
+    tracing.setup(hooks.name)
+    try:
+        code = asyncio.run(serve(hooks))
+    finally:
+        tracing.shutdown()  # exports the spans still buffered
+    sys.exit(code)
 
 
 def run_service(name: str, settings: S, build_hooks: Callable[[S], ServiceHooks]) -> None:

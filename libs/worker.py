@@ -25,6 +25,11 @@ runs of messages with one handler, each run to that handler with the batch's tra
 unit of work: the handler's writes commit with the shard checkpoint, under the lease's
 fencing token). A handler returns the domain events its decisions produced; they are
 written to the outbox in the same transaction and published by the relay after commit.
+
+Tracing (on when OTEL_EXPORTER_OTLP_ENDPOINT is set, libs.tracing): each dispatched
+record gets a consumer span, child of the context its envelope carries, lasting its
+run's handler call; the events a handler returns carry the span of the record with the
+same correlation id (the registration that caused them), through the outbox.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from sqlalchemy import Connection, Engine, MetaData, func, select
 from coursesignup.events.v1 import events_pb2
 from libs import consumer as consumer_lib
 from libs import outbox as outbox_lib
+from libs import tracing
 from libs.config import CommonSettings
 from libs.consumer import StreamRecord, decode_or_dead_letter
 from libs.db import after_commit, ensure_schema, make_engine, wait_for_database
@@ -68,6 +74,9 @@ class Message(Generic[T]):
     record: StreamRecord
     envelope: events_pb2.Envelope
     body: T
+    # The W3C carrier (traceparent) of this record's consumer span: what a handler stores
+    # with work it leaves for later (the notifier's emails). Empty when tracing is off.
+    trace_context: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -132,25 +141,60 @@ def dispatch(conn: Connection, records: list[StreamRecord], consume: Consume,
         BATCH_RECORDS.labels(stream).observe(counted)
 
     after_commit(conn, count)
+    traced = tracing.enabled()
     runs: list[tuple[BatchHandler, list[Message[Any]]]] = []
+    spans: dict[int, Any] = {}  # id(message) -> its consumer span, when traced
     for record, decoded in decode_or_dead_letter(conn, records, decode):
         if decoded is None:
             continue
         kind, envelope, body = decoded
         handler = consume.handlers[kind].handler
-        message = Message(record, envelope, body)
+        if traced:
+            span = tracing.consumer_span(consume.stream, stream, envelope, record.shard_id,
+                                         getattr(handler, "__name__", "handler"))
+            message = Message(record, envelope, body, tracing.carrier_of(span))
+            spans[id(message)] = span
+        else:
+            message = Message(record, envelope, body)
         if runs and runs[-1][0] is handler:
             runs[-1][1].append(message)
         else:
             runs.append((handler, [message]))
     events: list[Event] = []
     for handler, messages in runs:
-        events.extend(handler(conn, messages) or ())
+        if traced:
+            events.extend(_traced_run(handler, conn, messages, spans))
+        else:
+            events.extend(handler(conn, messages) or ())
     if events:
         if not publish:
             raise RuntimeError(f"a handler of {consume.stream} returned events, but the service publishes none")
         outbox_lib.enqueue(conn, [(stream_name(e.stream), e.partition_key, e.envelope.SerializeToString())
                                   for e in events])
+
+
+def _traced_run(handler: BatchHandler, conn: Connection, messages: list[Message[Any]],
+                spans: Mapping[int, Any]) -> list[Event]:
+    """Calls `handler` for a run, ending each message's span after it; the events it returns
+    carry the span of the message they belong to (same correlation id)."""
+    error = None
+    try:
+        produced = list(handler(conn, messages) or ())
+    except BaseException as raised:
+        error = type(raised).__name__
+        raise
+    finally:
+        for message in messages:
+            span = spans.get(id(message))
+            if span is not None:
+                tracing.end_span(span, error)
+    causes = {message.envelope.correlation_id: message for message in messages}
+    for event in produced:
+        cause = causes.get(event.envelope.correlation_id)
+        if cause is not None and cause.trace_context:
+            event.envelope.trace_context.clear()
+            event.envelope.trace_context.update(cause.trace_context)
+    return produced
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,12 @@ notifications = Table(
     Column("send_time", DateTime(timezone=True), nullable=True),
     # Epoch seconds; NULL once SENT or FAILED. While claimed: the claim's expiry.
     Column("next_attempt_at", Float, nullable=True),
+    # Epoch seconds of the fact that called for the email (acceptance, decision): the
+    # start of the email lag metric. NULL in rows recorded before it was kept.
+    Column("event_time", Float, nullable=True),
+    # W3C traceparent of the consumer span that recorded the row (tracing on), so the
+    # send continues the registration's trace; NULL when tracing was off.
+    Column("trace_parent", String(64), nullable=True),
     UniqueConstraint("registration_id", "kind", name="uq_notifications_registration_kind"),
 )
 
@@ -118,7 +124,8 @@ def add_notifications(conn: Connection, batch: Sequence[Notification], now: date
                  "next_attempt_at": now.timestamp()}
     rows = [
         {"registration_id": n.registration_id, "kind": n.kind.value, "recipient": n.recipient, "locale": n.locale,
-         "name": n.name, "course_id": n.course_id, "course_name": n.course_name, **constants}
+         "name": n.name, "course_id": n.course_id, "course_name": n.course_name, "event_time": n.event_time,
+         "trace_parent": n.trace_parent or None, **constants}
         for n in unique.values()
     ]
     return upsert_count(
@@ -136,6 +143,8 @@ def _notification(row: Any) -> Notification:
         name=row.name,
         course_id=row.course_id,
         course_name=row.course_name,
+        event_time=row.event_time,
+        trace_parent=row.trace_parent or "",
     )
 
 
@@ -152,7 +161,7 @@ class NotificationStore:
             rows = conn.execute(
                 # Only what sending needs: converting the timestamps is most of a row's cost.
                 select(t.c.id, t.c.attempts, t.c.registration_id, t.c.kind, t.c.recipient, t.c.locale, t.c.name,
-                       t.c.course_id, t.c.course_name)
+                       t.c.course_id, t.c.course_name, t.c.event_time, t.c.trace_parent)
                 .where(t.c.status == DeliveryStatus.PENDING.value, t.c.next_attempt_at <= now)
                 .order_by(t.c.next_attempt_at, t.c.id)
                 .limit(limit)

@@ -44,6 +44,11 @@ class Notification:
     name: str
     course_id: str
     course_name: str
+    # When the fact that calls for this email happened (Register's acceptance, the
+    # decision), epoch seconds: where the email lag starts. None: not known (older rows).
+    event_time: float | None = None
+    # W3C traceparent of the span that recorded it: the sender's span continues its trace.
+    trace_parent: str = ""
 
 
 @dataclass(frozen=True)

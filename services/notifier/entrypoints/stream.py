@@ -13,6 +13,9 @@ dead letters.
 
 from __future__ import annotations
 
+import dataclasses
+
+from google.protobuf import timestamp_pb2
 from sqlalchemy import Connection
 
 from coursesignup.events.v1 import events_pb2
@@ -52,7 +55,8 @@ def received_notification(envelope: events_pb2.Envelope) -> Notification:
     """The "received" email a sign-up calls for; MalformedRecord if it cannot be sent."""
     command = envelope.register_student
     return _notification(NotificationKind.RECEIVED, "register_student", command.registration_id, command.email,
-                         command.name, command.course_id, command.course_name, command.locale)
+                         command.name, command.course_id, command.course_name, command.locale,
+                         _epoch(command.accept_time, envelope))
 
 
 def enrolled_notification(envelope: events_pb2.Envelope) -> Notification:
@@ -60,7 +64,7 @@ def enrolled_notification(envelope: events_pb2.Envelope) -> Notification:
     event = envelope.student_enrolled
     return _notification(NotificationKind.ENROLLED, "student_enrolled", event.registration_id,
                          event.contact_email or event.email, event.name, event.course_id, event.course_name,
-                         event.locale)
+                         event.locale, _epoch(event.enroll_time, envelope))
 
 
 def declined_notification(envelope: events_pb2.Envelope) -> Notification | None:
@@ -72,11 +76,21 @@ def declined_notification(envelope: events_pb2.Envelope) -> Notification | None:
     if kind is None:
         return None
     return _notification(kind, "registration_declined", declined.registration_id, declined.contact_email,
-                         declined.name, declined.course_id, declined.course_name, declined.locale)
+                         declined.name, declined.course_id, declined.course_name, declined.locale,
+                         _epoch(declined.decide_time, envelope))
+
+
+def _epoch(moment: timestamp_pb2.Timestamp, envelope: events_pb2.Envelope) -> float | None:
+    """When the fact happened (the body's own time, else the envelope's), epoch seconds; None if neither."""
+    if not (moment.seconds or moment.nanos):
+        moment = envelope.time
+    if not (moment.seconds or moment.nanos):
+        return None
+    return moment.seconds + moment.nanos / 1e9
 
 
 def _notification(kind: NotificationKind, body: str, registration_id: str, email: str, name: str, course_id: str,
-                  course_name: str, locale: str) -> Notification:
+                  course_name: str, locale: str, event_time: float | None) -> Notification:
     return Notification(
         registration_id=_identifier(registration_id, body, "registration_id", MAX_REGISTRATION_ID_CHARS),
         kind=kind,
@@ -87,6 +101,7 @@ def _notification(kind: NotificationKind, body: str, registration_id: str, email
         name=name.replace("\x00", ""),
         course_id=_identifier(course_id, body, "course_id", MAX_COURSE_ID_CHARS, required=False),
         course_name=course_name.replace("\x00", ""),
+        event_time=event_time,
     )
 
 
@@ -103,8 +118,13 @@ def _identifier(value: str, body: str, field: str, max_chars: int, required: boo
 
 
 def record(conn: Connection, messages: list[Message[Notification | None]]) -> None:
-    """Records the notifications a run of messages calls for (the sender sends them after commit)."""
-    handlers.record_notifications(conn, [message.body for message in messages if message.body is not None])
+    """Records the notifications a run of messages calls for (the sender sends them after commit),
+    each with the traceparent of its record's span (tracing on), which the send continues."""
+    handlers.record_notifications(conn, [
+        dataclasses.replace(message.body, trace_parent=message.trace_context.get("traceparent", ""))
+        if message.trace_context else message.body
+        for message in messages if message.body is not None
+    ])
 
 
 # The notifier is a second consumer application of both streams (a Kinesis fan-out).

@@ -8,6 +8,11 @@ later (transient failure: backoff with jitter), or FAILED (permanent failure, in
 recipient, or out of attempts). All database work runs in threads (asyncio.to_thread);
 the consumer's checkpoint never waits for SMTP.
 
+Each attempt is a span (tracing on, libs.tracing), child of the notification's stored
+traceparent (the consumer span that recorded it), so the email ends the registration's
+trace. A sent email's lag (from the fact's time: Register's acceptance, the decision) is
+observed in `coursesignup_email_lag_seconds`.
+
 A claim lasts `claim_lease_seconds` (by default twice the SMTP timeout plus 5 s, so a
 crashed sender's rows are picked up again within that time). A claimed row waiting
 for a connection behind slow sends is not sent once the send could outlast its claim
@@ -26,10 +31,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
-from prometheus_client import Counter
+from opentelemetry.trace import SpanKind
+from prometheus_client import Counter, Histogram
 
+from libs import tracing
 from libs.backoff import Backoff
 from libs.logs import pseudonym
+from libs.metrics import LAG_BUCKETS
 from services.notifier.domain.messages import validate_recipient
 from services.notifier.domain.model import (
     ClaimedNotification,
@@ -50,6 +58,9 @@ log = logging.getLogger(__name__)
 EMAILS = Counter("coursesignup_emails_total", "Email attempts by notification kind and outcome "
                  "(sent; retry: a transient failure, tried again later; failed: given up).", ["kind", "outcome"])
 _OUTCOME_LABEL = {Delivered: "sent", RetryLater: "retry", GaveUp: "failed"}
+EMAIL_LAG = Histogram("coursesignup_email_lag_seconds", "Time from the fact an email tells of (Register's acceptance "
+                      "for the received email, the decision for the others) to the email being sent, by kind.",
+                      ["kind"], buckets=LAG_BUCKETS)
 
 # Writing outcomes failed (database down): the batch is kept and written again after this.
 RECORDING_BACKOFF = Backoff(base_seconds=0.4, cap_seconds=5.0)
@@ -231,6 +242,9 @@ class Sender:
         self._count(outcome)
         if not isinstance(outcome, NotAttempted):
             EMAILS.labels(claim.notification.kind.value, _OUTCOME_LABEL[type(outcome)]).inc()
+            if isinstance(outcome, Delivered) and claim.notification.event_time is not None:
+                EMAIL_LAG.labels(claim.notification.kind.value).observe(
+                    max(0.0, outcome.send_time.timestamp() - claim.notification.event_time))
         self._log(claim, outcome)
         self._outcomes.append(outcome)
         self._outcomes_ready.set()
@@ -243,6 +257,23 @@ class Sender:
         # Shutting down, or too late to finish before the claim lapses: hand it back unsent.
         if self._stopping or time.time() + self._send_timeout > claim.claimed_until - self._record_slack:
             return NotAttempted(claim.id, claim.attempt)
+        span = tracing.start_span("send email", {"traceparent": claim.notification.trace_parent}, SpanKind.CLIENT, {
+            "coursesignup.notification.kind": claim.notification.kind.value,
+            "coursesignup.registration_id": claim.notification.registration_id,
+            "coursesignup.attempt": claim.attempt,
+        }) if tracing.enabled() else None
+        if span is None:
+            return await self._send(claim)
+        outcome_label = "interrupted"  # cancelled by shutdown
+        try:
+            outcome = await self._send(claim)
+            outcome_label = _OUTCOME_LABEL[type(outcome)]
+            return outcome
+        finally:
+            tracing.end_span(span, None if outcome_label == "sent" else outcome_label,
+                             **{"coursesignup.outcome": outcome_label})
+
+    async def _send(self, claim: ClaimedNotification) -> Outcome:
         notification = claim.notification
         try:
             recipient = validate_recipient(notification.recipient)
