@@ -9,6 +9,7 @@ saw no decision in time, 130 interrupted.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import pathlib
 import time
 import uuid
@@ -34,6 +35,8 @@ from coursesignup_cli.watch import PollingWatcher, RegistrationWatcher, WatchTim
 EXIT_CALL_FAILED, EXIT_USAGE, EXIT_WATCH_TIMEOUT, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 out = Console(soft_wrap=True)
+if not out.is_terminal and not os.environ.get("COLUMNS"):
+    out = Console(soft_wrap=True, width=200)  # piped: tables not folded to rich's default 80 columns
 err = Console(stderr=True, soft_wrap=True)
 
 app = typer.Typer(
@@ -197,10 +200,11 @@ def _watch(watcher: RegistrationWatcher, registration_id: str, timeout: float) -
         with out.status("waiting for the decision..."):
             for registration in watcher.updates(registration_id, deadline):
                 when = render.time_text(registration.decide_time, registration.HasField("decide_time"))
+                about = [f"course {registration.course_id}"] if registration.course_id else []
+                about += [f"decided {when} UTC"] if when else []
                 out.print(f"{dt.datetime.now(dt.UTC):%H:%M:%S} {registration.registration_id} ",
                           render.registration_status(registration.status),
-                          f" (course {registration.course_id}" + (f", decided {when})" if when else ")"),
-                          sep="", highlight=False)
+                          f" ({', '.join(about)})" if about else "", sep="", highlight=False)
     except WatchTimeout as error:
         err.print(f"no decision within {timeout:g} s: {error}", style="yellow", highlight=False)
         raise typer.Exit(EXIT_WATCH_TIMEOUT) from None

@@ -29,7 +29,7 @@ def date_text(date: Any) -> str:
 def time_text(timestamp: Any, has: bool = True) -> str:
     if not has or (timestamp.seconds == 0 and timestamp.nanos == 0):
         return ""
-    return timestamp.ToDatetime(tzinfo=dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return timestamp.ToDatetime(tzinfo=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def stats_table(stats: Any) -> Table:
@@ -66,7 +66,7 @@ _EIGHTHS = ["", "▏", "▎", "▍", "▌", "▋", "▊", "▉"]
 
 def roster_table(course_id: str, enrollments: Iterable[Any], as_of: Any) -> Table:
     table = Table(title=f"roster of {course_id} (ages on {date_text(as_of)})")
-    for column in ("name", "email", "age", "birth date", "enrolled", "registration id"):
+    for column in ("name", "email", "age", "birth date", "enrolled (UTC)", "registration id"):
         table.add_column(column, justify="right" if column == "age" else "left", overflow="fold")
     for enrollment in enrollments:
         table.add_row(enrollment.name, enrollment.email, str(enrollment.age), date_text(enrollment.birth_date),
@@ -76,7 +76,7 @@ def roster_table(course_id: str, enrollments: Iterable[Any], as_of: Any) -> Tabl
 
 def notifications_table(registration_id: str, notifications: Iterable[Any]) -> Table:
     table = Table(title=f"notifications of {registration_id}")
-    for column in ("kind", "recipient", "status", "attempts", "created", "sent", "last error"):
+    for column in ("kind", "recipient", "status", "attempts", "created (UTC)", "sent (UTC)", "last error"):
         table.add_column(column, justify="right" if column == "attempts" else "left", overflow="fold")
     for notification in notifications:
         status = notifier_pb2.DeliveryStatus.Name(notification.status).removeprefix("DELIVERY_STATUS_")

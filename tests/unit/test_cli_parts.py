@@ -1,0 +1,132 @@
+"""The people CLI's parts that need no mesh: catalogue files, the watch loop, the
+reading of an error's details. The commands themselves are tested end to end
+(tests/e2e/test_cli.py)."""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from coursesignup.registration.v1 import registration_pb2
+from coursesignup_cli.catalogue import CampusEntry, CatalogueFileError, CourseEntry, read_catalogue
+from coursesignup_cli.errors import describe
+from coursesignup_cli.watch import PollingWatcher, WatchTimeout
+
+R = registration_pb2
+
+
+def test_a_csv_and_a_yaml_file_describe_the_same_catalogue(tmp_path: pathlib.Path) -> None:
+    csv_file = tmp_path / "c.csv"
+    csv_file.write_text("campus_id,campus_name,course_id,course_name,capacity\n"
+                        "north,North,art110,Art History, 30\nnorth,North,cs101,Programming,40\nsouth,South,,,\n")
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("campuses:\n  - {campus_id: north, name: North}\n  - {campus_id: south, name: South}\n"
+                         "courses:\n  - {course_id: art110, campus_id: north, name: Art History, capacity: 30}\n"
+                         "  - {course_id: cs101, campus_id: north, name: Programming, capacity: 40}\n")
+    from_csv, from_yaml = read_catalogue(csv_file), read_catalogue(yaml_file)
+    assert from_csv == from_yaml
+    assert from_csv.campuses == (CampusEntry("north", "North"), CampusEntry("south", "South"))
+    assert from_csv.courses[0] == CourseEntry("art110", "north", "Art History", 30)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("a.csv", "campus_id,course_id\nnorth,art110\n", "missing CSV column(s) campus_name, course_name, capacity"),
+        ("a.csv", "campus_id,campus_name,course_id,course_name,capacity\nnorth,North,art110,Art,many\n",
+         "a.csv:2: capacity must be a whole number"),
+        ("a.csv", "campus_id,campus_name,course_id,course_name,capacity\nnorth,North,art110,Art,1\n"
+                  "north,North,art110,Art again,2\n", "course art110 appears twice"),
+        ("a.csv", "campus_id,campus_name,course_id,course_name,capacity\nnorth,North,,,\nnorth,Nord,,,\n",
+         "campus north named both 'North' and 'Nord'"),
+        ("a.yaml", "courses:\n  - {course_id: art110, name: Art, capacity: 3}\n", "courses[0]: campus_id is required"),
+        ("a.yaml", "- just a list\n", "expected a mapping"),
+        ("a.yaml", "campuses: [unclosed\n", "not valid YAML"),
+        ("a.json", "{}", "expected a .csv, .yaml or .yml file"),
+    ],
+)
+def test_a_catalogue_file_mistake_is_told_with_where_it_is(
+    tmp_path: pathlib.Path, name: str, text: str, message: str
+) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(CatalogueFileError) as raised:
+        read_catalogue(path)
+    assert message in str(raised.value)
+
+
+class FakeRegistration:
+    def __init__(self, statuses: list[Any]) -> None:
+        self.statuses = statuses
+        self.calls = 0
+
+    def GetRegistration(self, request: Any, timeout: float) -> Any:  # noqa: N802 - the stub's name
+        status = self.statuses[min(self.calls, len(self.statuses) - 1)]
+        self.calls += 1
+        return R.Registration(registration_id=request.registration_id, course_id="art110", status=status)
+
+
+def test_watch_yields_each_change_of_status_and_ends_at_the_decision() -> None:
+    stub = FakeRegistration([R.REGISTRATION_STATUS_PENDING] * 3 + [R.REGISTRATION_STATUS_ENROLLED])
+    sleeps: list[float] = []
+    watcher = PollingWatcher(stub, call_timeout=5, sleep=sleeps.append)
+    updates = [r.status for r in watcher.updates("reg-1", deadline=time.monotonic() + 60)]
+    assert updates == [R.REGISTRATION_STATUS_PENDING, R.REGISTRATION_STATUS_ENROLLED]
+    assert stub.calls == 4 and len(sleeps) == 3
+    assert sleeps[0] < 0.25 and sleeps[2] >= sleeps[0], "soon at first, then backing off"
+
+
+def test_watch_gives_up_at_its_deadline() -> None:
+    stub = FakeRegistration([R.REGISTRATION_STATUS_PENDING])
+    watcher = PollingWatcher(stub, call_timeout=5, sleep=lambda _: None)
+    updates = watcher.updates("reg-1", deadline=time.monotonic() + 0.05)
+    assert next(updates).status == R.REGISTRATION_STATUS_PENDING
+    with pytest.raises(WatchTimeout, match="still REGISTRATION_STATUS_PENDING"):
+        while True:
+            time.sleep(0.01)
+            next(updates)
+
+
+class FakeCallError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    """What a failed call raises: its code, message and trailing metadata with the details."""
+
+    def __init__(self, status: status_pb2.Status) -> None:
+        self.status = status
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.INVALID_ARGUMENT
+
+    def details(self) -> str:
+        return self.status.message
+
+    def trailing_metadata(self) -> Any:
+        return (("grpc-status-details-bin", self.status.SerializeToString()),)
+
+    def initial_metadata(self) -> Any: return ()
+    def is_active(self) -> bool: return False
+    def time_remaining(self) -> float | None: return None
+    def cancel(self) -> bool: return False
+    def add_callback(self, callback: Any) -> bool: return False
+
+
+def test_an_error_is_told_with_its_reason_metadata_and_bad_fields() -> None:
+    bad_request = error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(field="email", description="is not an email address")])
+    info = error_details_pb2.ErrorInfo(reason="FIELD_INVALID", domain="coursesignup", metadata={"fields": "email"})
+    details = []
+    for message in (bad_request, info):
+        packed = any_pb2.Any()
+        packed.Pack(message)
+        details.append(packed)
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message="invalid argument: email", details=details)
+    assert describe(FakeCallError(status)).lines() == [
+        "error: INVALID_ARGUMENT: invalid argument: email",
+        "reason: FIELD_INVALID (fields=email)",
+        "  field email: is not an email address",
+    ]
