@@ -411,3 +411,34 @@ def test_a_worker_paused_past_its_lease_cannot_commit_after_another_took_its_sha
                             {**result.accepted, **{len(applicants) + i: r for i, r in marked.items()}}, capacities)
             assert "lease lost" in mesh.log_tail("paused", 400)
             engine.dispose()
+
+
+def test_registration_calls_to_a_hung_enrollment_fit_in_the_callers_deadline(tmp_path, kinesis_endpoint):
+    """With enrollment frozen (SIGSTOP: connections open, nothing answers), Register and
+    GetRegistration still answer within a 1.5 s deadline: their calls to enrollment take a
+    share of the caller's deadline (a fixed 2 s look-up would make the caller's deadline
+    pass first, DEADLINE_EXCEEDED)."""
+    with smtp_server(headers_only=True) as (smtp_port, _smtp), \
+            running_mesh(tmp_path, kinesis_endpoint, smtp_port, services=("enrollment", "registration"),
+                         extra_env={"SEED_DEMO_CATALOGUE": "true"}) as mesh, \
+            grpc.insecure_channel(mesh.target("registration")) as channel:
+        stub = registration_pb2_grpc.RegistrationServiceStub(channel)
+        request = registration_pb2.RegisterRequest(name="Ada Lovelace", email="ada@example.com",
+                                                   course_id="notyetknown", request_id="deadline-1")
+        request.birth_date.year, request.birth_date.month, request.birth_date.day = 2000, 1, 2
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Register(request, timeout=10)  # enrollment up: an unknown course is refused at the door
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        enrollment = mesh.processes["enrollment"]
+        enrollment.send_signal(signal.SIGSTOP)
+        try:
+            reply = stub.Register(request, timeout=1.5)  # accepted unverified: enrollment will decide
+            assert reply.status == registration_pb2.REGISTRATION_STATUS_PENDING
+            got = stub.GetRegistration(registration_pb2.GetRegistrationRequest(
+                registration_id=reply.registration_id), timeout=1.5)
+            assert got.status == registration_pb2.REGISTRATION_STATUS_PENDING
+        finally:
+            enrollment.send_signal(signal.SIGCONT)
+        wait_for(lambda: stub.GetRegistration(registration_pb2.GetRegistrationRequest(
+            registration_id=reply.registration_id), timeout=5).status
+            == registration_pb2.REGISTRATION_STATUS_DECLINED_UNKNOWN_COURSE, 60, "the unverified sign-up declined")
