@@ -1,8 +1,9 @@
-"""Operator command for the stream consumers: leases, lag, dead letters, replay.
+"""Operator command for the services' databases: leases, lag, dead letters, replay, migrations.
 
     python -m libs.operator leases --service enrollment
     python -m libs.operator dead-letters --service stats
     python -m libs.operator replay --service enrollment 12 13
+    python -m libs.operator migrate upgrade --service notifier   # also: current, history
 
 It reads the same configuration as the service (database URL, stream prefix, Kinesis
 endpoint). Services register themselves: each names a `ServiceDescription` under the
@@ -10,7 +11,9 @@ endpoint). Services register themselves: each names a `ServiceDescription` under
 none of them. Lag is the age of the oldest record a shard has not committed yet, read
 from Kinesis after the shard's checkpoint. Replay puts a dead letter's original bytes
 back on its stream with its partition key (after the consumer was fixed), and marks
-it replayed; the consumer then processes it like any new record.
+it replayed; the consumer then processes it like any new record. Migrate runs the
+service's migration history (libs.migrations) by hand, as the service does at start:
+upgrade to head, the current revision, the history with what is applied.
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ from libs.config import CommonSettings, load_settings
 from libs.consumer import dead_letters, metadata, shard_leases
 from libs.db import make_engine
 from libs.kinesis import OutgoingRecord, kinesis_client, put_records
+from libs.migrations import (
+    Migrations,
+    SchemaMismatch,
+    created_before_migrations,
+    current_revision,
+    upgrade_to_head,
+)
 from libs.service_registry import ENTRY_POINT_GROUP, ServiceDescription, registered_services
 
 
@@ -121,6 +131,33 @@ def replay(engine: Engine, client: Any, ids: list[int]) -> list[tuple[int, str]]
     return replayed
 
 
+def migrate(engine: Engine, migrations: Migrations, action: str) -> list[dict[str, Any]]:
+    """`upgrade` to head (adopting a database made before migrations), the `current`
+    revision with its state, or the `history` (newest first) with what is applied."""
+    heads = migrations.script().get_heads()
+    with engine.connect() as conn:
+        revision = current_revision(conn, migrations)
+        adoptable = created_before_migrations(conn, migrations)
+    if action == "upgrade":
+        return [{"service": migrations.service, "from_revision": revision,
+                 "revision": upgrade_to_head(engine, migrations)}]
+    if action == "current":
+        if revision in heads:
+            state = "at head"
+        elif adoptable:
+            state = "created before migrations: upgrade adopts it"
+        else:
+            state = "empty: upgrade creates the tables" if revision is None else "behind: run upgrade"
+        return [{"service": migrations.service, "revision": revision, "head": ", ".join(heads), "state": state}]
+    rows = []
+    applied = False
+    for script in migrations.script().walk_revisions():
+        applied = applied or script.revision == revision
+        rows.append({"revision": script.revision, "down_revision": script.down_revision,
+                     "applied": applied, "message": (script.doc or "").split("\n")[0]})
+    return rows
+
+
 def _print_table(rows: list[dict[str, Any]]) -> None:
     if not rows:
         print("(none)")
@@ -139,32 +176,57 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no service is registered under the {ENTRY_POINT_GROUP!r} entry points: "
               "install the project (make install, or pip install -e .)", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog="python -m libs.operator", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["leases", "dead-letters", "replay"])
-    parser.add_argument("ids", nargs="*", type=int, help="dead letter ids (replay)")
-    parser.add_argument("--service", choices=sorted(services), required=True,
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--service", choices=sorted(services), required=True,
                         help=f"a service registered under the {ENTRY_POINT_GROUP!r} entry points")
-    parser.add_argument("--all", action="store_true", help="dead-letters: include replayed ones")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    parser = argparse.ArgumentParser(prog="python -m libs.operator", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("leases", parents=[common], help="owner, lease counter, checkpoint and lag per shard")
+    dead = commands.add_parser("dead-letters", parents=[common], help="records that could not be handled")
+    dead.add_argument("--all", action="store_true", help="include replayed ones")
+    replay_parser = commands.add_parser("replay", parents=[common], help="put dead letters back on their stream")
+    replay_parser.add_argument("ids", nargs="*", type=int, help="dead letter ids")
+    migrate_parser = commands.add_parser("migrate", parents=[common], help="the database's schema migrations")
+    migrate_parser.add_argument("action", choices=["upgrade", "current", "history"])
     args = parser.parse_args(argv)
-    settings, engine, streams = _target(services[args.service])
+    description = services[args.service]
+    if args.command == "migrate":
+        if description.migrations is None:
+            parser.error(f"the {args.service} service declares no migrations")
+        settings = load_settings(description.settings_class)
+        engine = make_engine(getattr(settings, description.database_url_setting))
+        try:
+            rows: list[dict[str, Any]] = migrate(engine, description.migrations, args.action)
+        except SchemaMismatch as refused:
+            print(refused, file=sys.stderr)
+            return 1
+        finally:
+            engine.dispose()
+        _output(rows, args.json)
+        return 0
+    settings, engine, streams = _target(description)
     client = kinesis_client(settings.aws_region)
     try:
         if args.command == "leases":
-            rows: list[dict[str, Any]] = [asdict(r) for stream in streams for r in lease_report(engine, client, stream)]
+            rows = [asdict(r) for stream in streams for r in lease_report(engine, client, stream)]
         elif args.command == "dead-letters":
             rows = list_dead_letters(engine, args.all)
         else:
             if not args.ids:
-                parser.error("replay needs at least one dead letter id")
+                replay_parser.error("replay needs at least one dead letter id")
             rows = [{"id": i, "sequence_number": seq} for i, seq in replay(engine, client, args.ids)]
     finally:
         engine.dispose()
-    if args.json:
+    _output(rows, args.json)
+    return 0
+
+
+def _output(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
         print(json.dumps(rows, default=str, indent=2))
     else:
         _print_table(rows)
-    return 0
 
 
 if __name__ == "__main__":

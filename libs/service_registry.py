@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from libs.config import CommonSettings
+from libs.migrations import Migrations
 
 ENTRY_POINT_GROUP = "course_signup.services"
 
@@ -25,6 +26,8 @@ class ServiceDescription:
     database_url_setting: str
     # Base names (before KINESIS_STREAM_PREFIX) of the streams it consumes.
     consumed_streams: tuple[str, ...]
+    # Its database's migration history (`python -m libs.operator migrate`).
+    migrations: Migrations | None = None
 
     def __post_init__(self) -> None:
         if self.database_url_setting not in self.settings_class.model_fields:

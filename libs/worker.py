@@ -6,8 +6,9 @@ and the streams it publishes to. `Service.hooks()` gives the shared server boots
 (`libs.grpc_server.serve`) the whole start-up and shutdown, written once here for
 every service:
 
-start   engine → wait for the database → schema (the service's tables, plus the lease
-        and dead-letter tables when it consumes, the outbox when it publishes events) →
+start   engine → wait for the database → its migrations to head (the service's tables,
+        plus the lease and dead-letter tables when it consumes, the outbox when it
+        publishes events; libs.migrations) →
         `prepare` (seeds, read-model upgrades) → Kinesis client → wait for Kinesis →
         every stream it reads or writes exists → outbox relay → the service's own
         parts (`Runtime.on_start`) → one lease consumer per consumed stream → ready
@@ -55,11 +56,12 @@ from libs import outbox as outbox_lib
 from libs import tracing
 from libs.config import CommonSettings
 from libs.consumer import StreamRecord, decode_or_dead_letter
-from libs.db import after_commit, ensure_schema, make_engine, wait_for_database
+from libs.db import after_commit, make_engine, wait_for_database
 from libs.envelope import MalformedRecord, decode_envelope
 from libs.grpc_server import ServiceHooks, in_daemon_thread
 from libs.kinesis import ensure_stream, kinesis_client, wait_for_kinesis
 from libs.metrics import BATCH_RECORDS, RECORDS_CONSUMED, GaugesAtScrape, MetricsEndpoint
+from libs.migrations import Migrations, upgrade_to_head
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +268,10 @@ class Service(Generic[S]):
     # there); may register the service's own parts with runtime.on_start / on_stop.
     servicers: Callable[[Runtime[S]], Sequence[Servicer]]
     database_url: str | None = None
+    # The models (the runtime's own tables are added: see `tables`), and the migration
+    # history that brings the database to them at start (libs.migrations).
     schema: Sequence[MetaData] = ()
+    migrations: Migrations | None = None
     # Blocking work after the schema, before Kinesis (seed data, read-model upgrades).
     prepare: Callable[[Engine], None] | None = None
     consumes: Sequence[Consume] = ()
@@ -277,6 +282,13 @@ class Service(Generic[S]):
     reuse_port: bool = False
     # Where /metrics is served (on BIND_HOST); 0: not served by this process.
     metrics_port: int = 0
+
+    def tables(self) -> list[MetaData]:
+        """Every table of the service's database: its models, the lease and dead-letter
+        tables when it consumes, the outbox when it publishes events. Its migrations'
+        head must agree with these."""
+        return [*self.schema, *([consumer_lib.metadata] if self.consumes else []),
+                *([outbox_lib.metadata] if self.publishes and self.database_url is not None else [])]
 
     def hooks(self) -> ServiceHooks:
         settings = self.settings
@@ -345,13 +357,10 @@ class _Runner:
             self._metrics = MetricsEndpoint(runtime.settings.bind_host, service.metrics_port)
             await in_daemon_thread(self._metrics.start)
         if engine is not None:
-            metadatas = list(service.schema)
-            if service.consumes:
-                metadatas.append(consumer_lib.metadata)
-            if service.publishes:
-                metadatas.append(outbox_lib.metadata)
+            if service.migrations is None:
+                raise TypeError(f"the {service.name} service has a database but declares no migrations")
             await in_daemon_thread(wait_for_database, engine)
-            await in_daemon_thread(functools.partial(ensure_schema, engine, *metadatas))
+            await in_daemon_thread(upgrade_to_head, engine, service.migrations)
             if service.prepare is not None:
                 await in_daemon_thread(service.prepare, engine)
         kinesis = runtime.kinesis

@@ -15,6 +15,7 @@ from libs.kinesis import ENROLLMENT_EVENTS_STREAM
 from libs.worker import Runtime, Service, Servicer
 from services.enrollment.adapters.tables import metadata
 from services.enrollment.entrypoints.grpc_api import ADMIN_METHODS, SERVICE_NAME, EnrollmentServicer
+from services.enrollment.migrations import MIGRATIONS
 from services.enrollment.service_layer.catalogue import seed_demo_catalogue
 from services.enrollment.service_layer.deciding import REGISTRATIONS
 from services.enrollment.settings import EnrollmentSettings
@@ -41,6 +42,7 @@ def service(settings: EnrollmentSettings) -> Service[EnrollmentSettings]:
         servicers=servicers,
         database_url=settings.enrollment_database_url,
         schema=[metadata],
+        migrations=MIGRATIONS,
         prepare=seed,
         consumes=[REGISTRATIONS],
         publishes=[ENROLLMENT_EVENTS_STREAM],

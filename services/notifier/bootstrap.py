@@ -24,6 +24,7 @@ from services.notifier.adapters.templates import TemplateRenderer
 from services.notifier.domain.model import RetryPolicy
 from services.notifier.entrypoints.grpc_api import SERVICE_NAME, NotifierServicer
 from services.notifier.entrypoints.stream import ENROLLMENT_EVENTS, REGISTRATIONS
+from services.notifier.migrations import MIGRATIONS
 from services.notifier.service_layer import metrics
 from services.notifier.service_layer.handlers import message_composer
 from services.notifier.service_layer.sender import Sender
@@ -110,6 +111,7 @@ def service(settings: NotifierSettings) -> Service[NotifierSettings]:
         servicers=_servicers,
         database_url=settings.notifier_database_url,
         schema=[metadata],
+        migrations=MIGRATIONS,
         consumes=[REGISTRATIONS, ENROLLMENT_EVENTS],
     )
 

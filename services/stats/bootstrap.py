@@ -13,6 +13,7 @@ from libs.grpc_server import ServiceHooks, run_service
 from libs.worker import Runtime, Service, Servicer
 from services.stats.adapters.tables import metadata
 from services.stats.entrypoints.grpc_api import StatsServicer
+from services.stats.migrations import MIGRATIONS
 from services.stats.service_layer.projection import ENROLLMENT_EVENTS
 from services.stats.service_layer.rebuild import complete_older_read_model
 from services.stats.settings import StatsSettings
@@ -42,6 +43,7 @@ def service(settings: StatsSettings) -> Service[StatsSettings]:
         servicers=servicers,
         database_url=settings.stats_database_url,
         schema=[metadata],
+        migrations=MIGRATIONS,
         prepare=_upgrade_read_model,
         consumes=[ENROLLMENT_EVENTS],
     )

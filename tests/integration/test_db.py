@@ -8,7 +8,7 @@ import time
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, insert, select
+from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, insert, inspect, select
 from sqlalchemy.exc import OperationalError
 
 from libs.db import as_utc, make_engine, read_only, upsert_count, upsert_rows, wait_for_database
@@ -47,7 +47,7 @@ def test_sqlite_reads_do_not_wait_for_an_open_write_transaction(tmp_path):
     engine.dispose()
 
 
-def test_a_database_from_an_older_version_is_refused_at_start_naming_what_is_missing(tmp_path):
+def test_a_database_from_an_older_version_is_refused_at_start_naming_what_is_missing_and_left_alone(tmp_path):
     import os
     import subprocess
     import sys
@@ -69,7 +69,8 @@ def test_a_database_from_an_older_version_is_refused_at_start_naming_what_is_mis
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "decisions.worker_id" in result.stderr and "decisions.lease_counter" in result.stderr
-    assert "older version" in result.stderr
+    assert "differ from the schema the version before migrations created" in result.stderr
+    assert inspect(make_engine(url)).get_table_names() == ["decisions"], "nothing was changed"
 
 
 def test_upserts_write_a_batch_and_report_what_they_wrote(database_url):
