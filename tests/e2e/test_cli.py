@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
+from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from coursesignup.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from tests import helpers
@@ -105,11 +106,19 @@ def catalogue(mesh: Mesh, workdir: pathlib.Path) -> str:
     return ok(cli(mesh, workdir, "catalogue", "load", "catalogue.csv"))
 
 
+def course(mesh: Mesh, course_id: str) -> Any:
+    with grpc.insecure_channel(mesh.target("enrollment")) as channel:
+        return enrollment_pb2_grpc.EnrollmentServiceStub(channel).GetCourse(
+            enrollment_pb2.GetCourseRequest(course_id=course_id), timeout=10)
+
+
 def test_loading_a_catalogue_twice_changes_nothing_the_second_time(mesh, workdir, catalogue):
     assert load_counts(catalogue) == {"campuses": (2, 0, 0), "courses": (2, 0, 0)}
+    before = course(mesh, "cli102")
     again = ok(cli(mesh, workdir, "catalogue", "load", "catalogue.csv"))
     assert load_counts(again) == {"campuses": (0, 0, 2), "courses": (0, 0, 2)}
     assert "nothing to change" in again
+    assert course(mesh, "cli102").update_time == before.update_time, "the service saw no update"
 
     changed = ok(cli(mesh, workdir, "catalogue", "load", "catalogue.yaml"))
     assert load_counts(changed) == {"campuses": (0, 0, 2), "courses": (1, 1, 1)}

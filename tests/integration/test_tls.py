@@ -7,6 +7,7 @@ import datetime as dt
 import ipaddress
 import pathlib
 import subprocess
+import sys
 
 import grpc
 import pytest
@@ -115,3 +116,20 @@ def test_mutual_tls_needs_a_client_certificate_and_registration_presents_one(kin
             course = enrollment_pb2_grpc.EnrollmentServiceStub(channel).GetCourse(
                 pb.GetCourseRequest(course_id="art110"), timeout=10)
             assert course.course_id == "art110"
+
+
+def test_the_coursesignup_command_trusts_its_ca_file_and_presents_its_certificate(kinesis_env, tmp_path, pki):
+    server_tls = {"tls_cert_file": pki["server_cert"], "tls_key_file": pki["server_key"],
+                  "tls_client_ca_file": pki["ca"]}
+    with helpers.serve_enrollment(f"sqlite:///{tmp_path / 'enrollment.db'}", seed_demo_catalogue=True,
+                                  **server_tls) as target:
+        def coursesignup(*flags: str) -> subprocess.CompletedProcess[str]:
+            command = [str(pathlib.Path(sys.executable).parent / "coursesignup"), "--enrollment", target, *flags]
+            return subprocess.run([*command, "catalogue", "list"], capture_output=True, text=True, timeout=60,
+                                  cwd=tmp_path)
+        listed = coursesignup("--ca-file", pki["ca"], "--cert-file", pki["client_cert"],
+                              "--key-file", pki["client_key"])
+        assert listed.returncode == 0, listed.stderr
+        assert "art110" in listed.stdout
+        refused = coursesignup("--ca-file", pki["ca"])  # no client certificate
+        assert refused.returncode == 1 and "error: UNAVAILABLE" in refused.stderr, refused.stderr

@@ -10,10 +10,12 @@ from typing import Any
 
 import grpc
 import pytest
+import typer
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from coursesignup.registration.v1 import registration_pb2
+from coursesignup_cli.app import EXIT_INTERRUPTED, EXIT_WATCH_TIMEOUT, _watch
 from coursesignup_cli.catalogue import CampusEntry, CatalogueFileError, CourseEntry, read_catalogue
 from coursesignup_cli.errors import describe
 from coursesignup_cli.watch import PollingWatcher, WatchTimeout
@@ -91,6 +93,23 @@ def test_watch_gives_up_at_its_deadline() -> None:
         while True:
             time.sleep(0.01)
             next(updates)
+
+
+class StoppedWatcher:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def updates(self, registration_id: str, deadline: float) -> Any:
+        yield R.Registration(registration_id=registration_id, status=R.REGISTRATION_STATUS_PENDING)
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "code"), [(WatchTimeout("still PENDING"), EXIT_WATCH_TIMEOUT),
+                                              (KeyboardInterrupt(), EXIT_INTERRUPTED)])
+def test_watch_ends_with_its_own_exit_code_on_timeout_and_ctrl_c(error: BaseException, code: int) -> None:
+    with pytest.raises(typer.Exit) as raised:
+        _watch(StoppedWatcher(error), "reg-1", timeout=1)
+    assert raised.value.exit_code == code
 
 
 class FakeCallError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
