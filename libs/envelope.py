@@ -32,13 +32,15 @@ def new_envelope(
     if time is None:
         time = timestamp_pb2.Timestamp()
         time.GetCurrentTime()
-    return events_pb2.Envelope(
+    envelope = events_pb2.Envelope(
         message_id=message_id or f"{field}:{correlation_id}",
         time=time,
         correlation_id=correlation_id,
-        trace_context=tracing.current_carrier() or None,
         **{field: message},  # type: ignore[arg-type]
     )
+    if tracing.enabled():  # off: nothing more (even an empty trace_context argument costs 0.2 µs)
+        envelope.trace_context.update(tracing.current_carrier())
+    return envelope
 
 
 def decode_envelope(data: bytes) -> events_pb2.Envelope:

@@ -4,6 +4,8 @@ the protos (`protos/coursesignup/service_config.json`: a deadline per call, retr
 UNAVAILABLE with backoff), so every client of this project behaves the same way.
 
 Other clients (any language) can load the same file as their default service config.
+With tracing on (libs.tracing), asyncio channels send the current span's W3C trace
+context with every call, so the server's span joins the caller's trace.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from libs import tracing
 from libs.config import CommonSettings
 
 
@@ -40,11 +43,34 @@ def credentials(settings: CommonSettings) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials(root_certificates=root)
 
 
+class _SendTraceContext(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    """Adds the current span's `traceparent` (and `tracestate`) to each call's metadata."""
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_trace_context(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_trace_context(details), request)
+
+
+def _with_trace_context(details: Any) -> Any:
+    carrier = tracing.current_carrier()
+    if not carrier:
+        return details
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    for key, value in carrier.items():
+        metadata[key] = value
+    return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                      details.wait_for_ready)
+
+
 def aio_channel(target: str, settings: CommonSettings) -> grpc.aio.Channel:
+    """A channel to `target`; with tracing on (decided now), its calls carry the trace context."""
     creds = credentials(settings)
+    interceptors = [_SendTraceContext()] if tracing.enabled() else None
     if creds is None:
-        return grpc.aio.insecure_channel(target, options=channel_options())
-    return grpc.aio.secure_channel(target, creds, options=channel_options())
+        return grpc.aio.insecure_channel(target, options=channel_options(), interceptors=interceptors)
+    return grpc.aio.secure_channel(target, creds, options=channel_options(), interceptors=interceptors)
 
 
 def channel(target: str, settings: CommonSettings) -> grpc.Channel:

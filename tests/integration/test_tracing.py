@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import types
 from collections.abc import Iterator
 
 import grpc
@@ -228,3 +229,40 @@ def test_without_an_otlp_endpoint_no_tracing_is_set_up_and_no_exporter_is_made(m
     finally:
         tracing.shutdown()
     assert not tracing.enabled()
+
+
+def test_the_services_own_calls_carry_the_trace_so_the_called_servers_span_is_a_child(spans):
+    from libs import grpc_client
+
+    settings = types.SimpleNamespace(tls_ca_file="", tls_cert_file="", tls_key_file="")
+    target: list[str] = []
+
+    async def inner(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return b"inner"
+
+    async def outer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        async with grpc_client.aio_channel(target[0], settings) as channel:  # type: ignore[arg-type]
+            return await channel.unary_unary(f"/{SERVICE}/Inner")(b"", timeout=10)
+
+    async def scenario() -> list:
+        interceptor = ErrorInterceptor("probe")
+        interceptor.ready = True
+        server = grpc.aio.server(interceptors=[interceptor])
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {
+            "Outer": grpc.unary_unary_rpc_method_handler(outer),
+            "Inner": grpc.unary_unary_rpc_method_handler(inner)})])
+        target.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(target[0]) as channel:
+                return [await channel.unary_unary(f"/{SERVICE}/Outer")(b"", metadata=(("traceparent", TRACEPARENT),),
+                                                                       timeout=10)]
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(scenario()) == [b"inner"]
+    by_name = {span.name: span for span in spans.get_finished_spans()}
+    outer_span, inner_span = by_name[f"{SERVICE}/Outer"], by_name[f"{SERVICE}/Inner"]
+    assert outer_span.parent is not None and outer_span.parent.span_id == CALLER_SPAN_ID
+    assert inner_span.context.trace_id == TRACE_ID
+    assert inner_span.parent is not None and inner_span.parent.span_id == outer_span.context.span_id
