@@ -108,15 +108,14 @@ def wait_for_database(engine: Engine, timeout: float = DEPENDENCY_WAIT_SECONDS) 
 
 
 class SchemaOutOfDate(RuntimeError):
-    """The database was created by an older version: columns this code needs are missing."""
+    """The database lacks columns these models need (see ensure_schema)."""
 
 
 def ensure_schema(engine: Engine, *metadatas: MetaData) -> None:
     """Creates missing tables and indexes, then checks existing tables have every column.
 
-    There are no migrations yet (tables are created at start), so a database made by an
-    older version is refused at start with the missing columns named, instead of
-    failing later on some query.
+    For tests, benchmarks and scratch databases: the services' databases are created and
+    changed by their migrations (libs.migrations), after which this finds nothing to do.
     """
     for metadata in metadatas:
         metadata.create_all(engine)
@@ -133,8 +132,8 @@ def ensure_schema(engine: Engine, *metadatas: MetaData) -> None:
     ]
     if missing:
         raise SchemaOutOfDate(
-            f"the database lacks columns this version needs: {', '.join(missing)}. It was created by an "
-            "older version and there are no migrations yet: recreate it (for `make run`: rm -rf var)."
+            f"the database lacks columns these models need: {', '.join(missing)}. A service's database is "
+            "brought up to date by its migrations (python -m libs.operator migrate upgrade --service <name>)."
         )
 
 

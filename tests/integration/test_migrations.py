@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 from typing import Any
@@ -17,7 +18,14 @@ from sqlalchemy import Column, Engine, MetaData, Table, func, insert, inspect, s
 
 from libs.config import load_settings
 from libs.db import as_utc, ensure_schema, make_engine
-from libs.migrations import Migrations, SchemaMismatch, current_revision, schema_differences, upgrade_to_head
+from libs.migrations import (
+    Migrations,
+    SchemaMismatch,
+    current_revision,
+    new_revision,
+    schema_differences,
+    upgrade_to_head,
+)
 from libs.worker import Service
 from services.enrollment import bootstrap as enrollment_bootstrap
 from services.enrollment.settings import EnrollmentSettings
@@ -276,5 +284,23 @@ def test_the_operator_command_shows_and_runs_the_migrations(database_url):
         refused = operator("upgrade", env=env, ok=False)
         assert "column students.nickname is in the database but not expected" in refused.stderr
         assert "Traceback" not in refused.stderr
+    finally:
+        engine.dispose()
+
+
+def test_a_new_revision_is_numbered_after_the_head_and_then_migrates(database_url, tmp_path):
+    """What a developer runs with a schema change (`migrate revision -m ...`), on a copy of
+    the history: the models equal the head here, so the revision it writes changes nothing."""
+    history = tmp_path / "migrations"
+    shutil.copytree(migrations_of("stats").directory, history, ignore=shutil.ignore_patterns("__pycache__"))
+    migrations = Migrations("stats", history)
+    engine = make_engine(database_url)
+    try:
+        written = new_revision(engine, migrations, "nothing changed")
+        assert written.parent == history / "versions" and written.name == "0002_nothing_changed.py"
+        source = written.read_text()
+        assert "revision = '0002'" in source and "down_revision = '0001'" in source
+        assert "op." not in source, "no difference, no operation"
+        assert upgrade_to_head(engine, migrations) == "0002"
     finally:
         engine.dispose()

@@ -32,8 +32,10 @@ from sqlalchemy import Connection, Engine, exists, func, select
 
 from libs import consumer as consumer_lib
 from libs.db import upsert_rows
+from libs.migrations import upgrade_to_head
 from services.stats.adapters.enrollment_export import EnrollmentPage
-from services.stats.adapters.tables import AGGREGATE_TABLES, age_years, create_schema, roster
+from services.stats.adapters.tables import AGGREGATE_TABLES, age_years, roster
+from services.stats.migrations import MIGRATIONS
 from services.stats.service_layer.projection import recount_from_roster
 
 # Rows per step: larger steps rewrite each aggregate row fewer times in the transaction.
@@ -69,8 +71,7 @@ def rebuild_from_enrollments(
     """Rewrites the stats read model from the enrollment service's export, in one transaction."""
     started = time.monotonic()
     report = progress or (lambda _stage, _done, _total: None)
-    create_schema(stats_engine)
-    consumer_lib.metadata.create_all(stats_engine)
+    upgrade_to_head(stats_engine, MIGRATIONS)  # as the service does at start
 
     def replace_tombstone(insert: Any) -> Any:
         # The enrollment service is the truth: a tombstone for an enrollment it still
