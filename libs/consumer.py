@@ -2,10 +2,11 @@
 
 Each shard is read by one worker at a time, holding a lease row in the service's own
 database (owner, lease counter, expiry, checkpoint). A batch's effects and the
-checkpoint commit in one transaction that first updates the lease row on the
+checkpoint commit in one transaction that ends by updating the lease row on the
 condition that this worker still holds the lease with the same counter: the counter
 is a fencing token, so a worker that was paused or partitioned past its expiry and
-lost the shard cannot commit. Leases are renewed by a heartbeat thread, taken over
+lost the shard cannot commit. The lease row is locked only for that last statement,
+so the heartbeat keeps renewing the lease while a long batch runs. Leases are renewed by a heartbeat thread, taken over
 after expiry, and balanced: a worker holding less than its fair share takes free
 shards, then one shard from the busiest worker. Parent shards are finished before
 their children (found by ParentShardId in ListShards). Each held shard has its own
@@ -16,6 +17,7 @@ same transaction.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -146,8 +148,10 @@ def decode_or_dead_letter(
 
 
 def _batch_tag(worker_id: str) -> str:
-    # application_name holds 63 bytes: the tag leads, and a long worker id is shortened.
-    return f"batch:{worker_id[:40]} "
+    """The tag a worker's batch connections carry: a digest of the whole worker id, so
+    worker ids that share a long prefix never match each other's batches (and the tag
+    fits in application_name's 63 bytes, ahead of the connection's own name)."""
+    return f"batch:{hashlib.blake2b(worker_id.encode(), digest_size=8).hexdigest()} "
 
 
 def default_worker_id() -> str:
@@ -393,6 +397,13 @@ class StreamConsumer:
             )
         if taken.rowcount != 1:
             return False
+        if self.engine.dialect.name == "postgresql" and row.owner and row.owner != self.worker_id \
+                and row.expires_at <= now:
+            # Its owner renewed nothing for a whole lease: paused, partitioned or hung, maybe
+            # inside a batch whose row locks would stall ours. Its commit would be refused
+            # (the counter moved on); ending its batch now releases those locks.
+            with self.engine.begin() as conn:
+                self._end_stuck_batches(conn, row.owner)
         counter = row.lease_counter + 1
         reader = threading.Thread(target=self._consume_shard, args=(row.shard_id, counter),
                                   name=f"{self.stream_name}-{row.shard_id}", daemon=True)
@@ -406,10 +417,11 @@ class StreamConsumer:
         return True
 
     def _end_stuck_batches(self, conn: Connection, owner: str) -> None:
-        """Ends the batch transactions of a worker whose lease expired mid-batch.
+        """Ends the batch transactions of a worker whose lease expired.
 
-        Its lease row is still locked, so it is paused, partitioned or hung inside a
-        batch; PostgreSQL cannot tell (a client stopped in the middle of a pipeline
+        It renewed nothing for a whole lease (its heartbeat is not held up by its own
+        batches), so it is paused, partitioned or hung, perhaps inside a batch;
+        PostgreSQL cannot tell (a client stopped in the middle of a pipeline
         looks "active", so idle_in_transaction_session_timeout never fires) and the
         row and seat locks it holds would stall this shard for as long as it is stuck.
         Its batch connections are tagged (see _batch_tag); terminating them rolls the
@@ -536,11 +548,14 @@ class StreamConsumer:
                     text("SELECT set_config('application_name', :tag || current_setting('application_name'), true)"),
                     {"tag": _batch_tag(self.worker_id)},
                 )
-            # Then lock our lease row and check the fencing token.
+            self.handler(conn, records)
+            # Last, lock our lease row and check the fencing token: a worker that lost the
+            # lease meanwhile rolls its effects back. Locked only now, the row stays free
+            # for the heartbeat while the batch runs, so a batch longer than the lease
+            # keeps it (and is not ended as stuck by the next worker on every attempt).
             fenced = conn.execute(self._mine(shard_id, state.lease_counter).values(checkpoint=last))
             if fenced.rowcount != 1:
                 raise LeaseLost(shard_id)
-            self.handler(conn, records)
         state.checkpoint = last
         if self.on_commit:
             self.on_commit()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections import Counter
 
@@ -277,3 +278,48 @@ def test_a_new_worker_gets_a_fair_share_within_a_few_lease_periods(kinesis_env, 
         second.stop()
         first.stop()
     engine.dispose()
+
+
+def test_a_batch_longer_than_the_lease_keeps_its_lease_and_commits_once(kinesis_env, database_url):
+    """The heartbeat renews the lease while a slow batch runs, so another worker does not
+    take the shard over and end the batch (on every attempt, when each takes as long)."""
+    settings = CommonSettings()
+    client = kinesis_client(settings.aws_region)
+    stream = settings.stream_name("slowbatch")
+    ensure_stream(client, stream, 1)
+    engine = make_engine(database_url)
+    tally_metadata.create_all(engine)
+    attempts: Counter[str] = Counter()
+
+    def handler_of(worker: str):
+        def handle(conn: Connection, records: list[consumer_lib.StreamRecord]) -> None:
+            attempts[worker] += 1
+            conn.execute(insert(tally), [{"sequence_number": r.sequence_number, "worker": worker} for r in records])
+            time.sleep(3.5)  # 3.5 lease periods, holding the batch's transaction open
+        return handle
+
+    first = consumer_lib.StreamConsumer(engine=engine, kinesis=client, stream_name=stream,
+                                        handler=handler_of("first"), worker_id="first", lease_seconds=1.0)
+    first.start()
+    wait_until(lambda: first.held_shards())
+    second = consumer_lib.StreamConsumer(engine=engine, kinesis=client, stream_name=stream,
+                                         handler=handler_of("second"), worker_id="second", lease_seconds=1.0)
+    second.start()
+    try:
+        assert all(put_records(client, stream, [OutgoingRecord("k", b"%d" % i) for i in range(5)]))
+
+        def counted() -> int:
+            with engine.connect() as conn:
+                return conn.execute(select(func.count()).select_from(tally)).scalar_one()
+        wait_until(lambda: counted() >= 5, 60, "the slow batch committed")
+        # A marker batch after it: once it is in, nothing of the first batch is still pending.
+        assert all(put_records(client, stream, [OutgoingRecord("k", b"marker")]))
+        wait_until(lambda: counted() >= 6, 60, "the marker committed")
+        with engine.connect() as conn:
+            workers = dict(conn.execute(select(tally.c.worker, func.count()).group_by(tally.c.worker)).all())
+        assert workers == {"first": 6}, workers
+        assert attempts["second"] == 0 and attempts["first"] == 2, attempts
+    finally:
+        first.stop()
+        second.stop()
+        engine.dispose()
