@@ -323,3 +323,10 @@ def test_a_batch_longer_than_the_lease_keeps_its_lease_and_commits_once(kinesis_
         first.stop()
         second.stop()
         engine.dispose()
+
+
+def test_batch_tags_of_worker_ids_sharing_a_long_prefix_differ():
+    common = "enrollment-6f9c7d8b5-x2kqz.cluster.local.example:" + "7" * 20
+    first, second = consumer_lib._batch_tag(common + ":1:ab12"), consumer_lib._batch_tag(common + ":2:ab12")
+    assert first != second and not first.startswith(second) and not second.startswith(first)
+    assert len(first.encode()) == len(second.encode()) <= 32  # room left in application_name's 63 bytes
