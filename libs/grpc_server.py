@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
@@ -336,6 +336,10 @@ class ServiceHooks:
     # TLS (certificate chain, private key, and the CA client certificates must chain to
     # for mutual TLS), as PEM bytes; None: plaintext.
     tls: tuple[bytes, bytes, bytes | None] | None = None
+    # Dependencies the service works without but worse (registration without the
+    # catalogue): health answers for each as the service name "dependency:<name>",
+    # SERVING while the check returns True, while "" stays SERVING. Checked every few seconds.
+    dependencies: dict[str, Callable[[], bool]] = field(default_factory=dict)
 
     @staticmethod
     def tls_from(settings: CommonSettings) -> tuple[bytes, bytes, bytes | None] | None:
@@ -387,6 +391,7 @@ async def serve(hooks: ServiceHooks, stop_event: asyncio.Event | None = None) ->
         for service in ("", *hooks.service_names):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"address": address})
+        await _watch_dependencies(hooks.dependencies, health_servicer)
 
     starting = asyncio.create_task(start_up())
     stopping = asyncio.create_task(stop_event.wait())
@@ -438,9 +443,9 @@ def _register_reflection_v1_descriptor() -> None:
     old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
     file.name, file.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
     for message in file.message_type:
-        for field in message.field:
-            if field.HasField("type_name"):
-                field.type_name = field.type_name.replace(old, new)
+        for proto_field in message.field:
+            if proto_field.HasField("type_name"):
+                proto_field.type_name = proto_field.type_name.replace(old, new)
     for service in file.service:
         for method in service.method:
             method.input_type = method.input_type.replace(old, new)
@@ -451,6 +456,32 @@ def _register_reflection_v1_descriptor() -> None:
 def _read(path: str) -> bytes:
     with open(path, "rb") as file:
         return file.read()
+
+
+DEPENDENCY_CHECK_SECONDS = 2.0
+
+
+async def _watch_dependencies(checks: dict[str, Callable[[], bool]], health_servicer: Any) -> None:
+    """Keeps the health of each "dependency:<name>" up to date, logging each change."""
+    if not checks:
+        return
+    last: dict[str, bool] = {}
+    while True:
+        for name, check in checks.items():
+            try:
+                healthy = bool(check())
+            except Exception:  # noqa: BLE001 - a failing check is an unhealthy dependency
+                log.exception("dependency check failed", extra={"dependency": name})
+                healthy = False
+            if last.get(name) != healthy:
+                if name in last:
+                    (log.info if healthy else log.warning)(
+                        "dependency " + ("reachable again" if healthy else "unreachable: serving degraded"),
+                        extra={"dependency": name})
+                last[name] = healthy
+                await health_servicer.set(f"dependency:{name}", health_pb2.HealthCheckResponse.SERVING if healthy
+                                          else health_pb2.HealthCheckResponse.NOT_SERVING)
+        await asyncio.sleep(DEPENDENCY_CHECK_SECONDS)
 
 
 def run(hooks: ServiceHooks) -> None:

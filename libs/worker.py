@@ -232,6 +232,7 @@ class Runtime(Generic[S]):
     _stops: list[Callable[[], Any]] = field(default_factory=list)
     _after_commit: list[Callable[[], None]] = field(default_factory=list)
     _gauges: list[GaugesAtScrape] = field(default_factory=list)
+    _dependencies: dict[str, Callable[[], bool]] = field(default_factory=dict)
 
     def stream_name(self, base: str) -> str:
         return self.settings.stream_name(base)
@@ -243,6 +244,11 @@ class Runtime(Generic[S]):
     def on_stop(self, stop: Callable[[], Any]) -> None:
         """Runs `stop` (sync or async) after the consumers stopped; stops run in reverse order."""
         self._stops.append(stop)
+
+    def dependency(self, name: str, healthy: Callable[[], bool]) -> None:
+        """A dependency the service works without, but worse: its state is served as the
+        health of "dependency:<name>" (the service itself stays SERVING)."""
+        self._dependencies[name] = healthy
 
     def gauges(self, collect: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
         """Adds gauges computed when Prometheus scrapes (registered while the service runs)."""
@@ -312,7 +318,8 @@ class Service(Generic[S]):
         hooks = ServiceHooks(name=self.name, port=self.port, bind_host=settings.bind_host, register=register,
                              service_names=names, start=runner.start, stop=runner.stop,
                              grace_seconds=settings.shutdown_grace_seconds, reuse_port=self.reuse_port,
-                             admin_tokens=settings.admin_token_list(), tls=ServiceHooks.tls_from(settings))
+                             admin_tokens=settings.admin_token_list(), tls=ServiceHooks.tls_from(settings),
+                             dependencies=runtime._dependencies)
         return hooks
 
 

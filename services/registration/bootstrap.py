@@ -50,6 +50,7 @@ def service(settings: RegistrationSettings, *, worker: int | None = None) -> Ser
             await channel.close()
 
         runtime.on_start(catalogue.start)
+        runtime.dependency("enrollment", catalogue.reachable)
         runtime.on_start(commands.start)
         runtime.on_stop(stop)
         return [Servicer(registration_pb2_grpc.add_RegistrationServiceServicer_to_server, servicer, SERVICE_NAME)]

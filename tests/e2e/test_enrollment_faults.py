@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coursesignup.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 from coursesignup.registration.v1 import registration_pb2, registration_pb2_grpc
@@ -43,6 +44,16 @@ def progress_printer(total: int, label: str) -> Any:
             print(f"{label}: {done}/{total}", file=sys.stderr, flush=True)
 
     return report
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def health_of(target: str, service: str = "") -> int:
+    with grpc.insecure_channel(target) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                         timeout=5).status
 
 
 def check_decisions(engine: Any, applicants: list[Applicant], accepted: dict[int, str],
@@ -242,6 +253,10 @@ def test_register_keeps_accepting_while_enrollment_and_its_database_are_down(tmp
                 mesh.stop("registration")
                 mesh.start("registration")
                 mesh.wait_healthy(["registration"])
+                # Health tells the degradation apart: serving, but without its catalogue.
+                assert health_of(mesh.target("registration")) == SERVING
+                wait_for(lambda: health_of(mesh.target("registration"), "dependency:enrollment") == NOT_SERVING,
+                         30, "registration to report enrollment unreachable")
                 burst = faults.make_applicants(rng, sorted(capacities), 600)
                 during = faults.register_all(mesh.target("registration"), burst)
                 assert not during.failures, Counter(during.failures.values())
@@ -261,6 +276,8 @@ def test_register_keeps_accepting_while_enrollment_and_its_database_are_down(tmp
                 time.sleep(2)
                 proxy.start()  # the database returns
                 mesh.wait_healthy(["enrollment"])
+                wait_for(lambda: health_of(mesh.target("registration"), "dependency:enrollment") == SERVING,
+                         60, "registration to report enrollment reachable again")
                 accepted = {**first.accepted, **{len(warm) + i: r for i, r in during.accepted.items()}}
                 everyone = warm + burst
                 wait_for(lambda: scalar(engine, "SELECT count(*) FROM decisions") == len(set(accepted.values())) + 1,

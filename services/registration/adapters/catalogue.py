@@ -41,6 +41,7 @@ class Catalogue:
         self._task: asyncio.Task[None] | None = None
         self.unverified = 0  # sign-ups accepted without a catalogue check (enrollment unreachable)
         self._unverified_log_time = 0.0
+        self._refreshed_at: float | None = None  # monotonic time of the last full refresh
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._refresh_forever())
@@ -62,6 +63,12 @@ class Catalogue:
             if not token:
                 break
         self._courses = courses
+        self._refreshed_at = time.monotonic()
+
+    def reachable(self) -> bool:
+        """Whether the catalogue was refreshed from enrollment lately (two refresh periods):
+        without it, courses added since are accepted unverified and course names may be stale."""
+        return self._refreshed_at is not None and time.monotonic() - self._refreshed_at < 2 * self._refresh_seconds + 5
 
     async def _refresh_forever(self) -> None:
         while True:
