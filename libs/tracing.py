@@ -25,6 +25,7 @@ a birth date, and no error messages (they may quote what the caller sent).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -37,6 +38,9 @@ TRACER_NAME = "course-signup"
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _CARRIER_KEYS = frozenset(_PROPAGATOR.fields)  # traceparent, tracestate
+
+# How long a stopping process waits for its last spans to be exported.
+SHUTDOWN_SECONDS = 3.0
 
 # None: tracing is off in this process.
 _tracer: Tracer | None = None
@@ -55,21 +59,23 @@ def wanted(environ: Mapping[str, str] = os.environ) -> bool:
     return bool(environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 
 
-def setup(service_name: str, environ: Mapping[str, str] = os.environ) -> bool:
+def setup(service_name: str) -> bool:
     """Turns tracing on for this process if the environment asks for it; returns whether it is on.
 
     A process already set up (or given a provider by `use`) is left as it is."""
     if _tracer is not None:
         return True
-    if not wanted(environ):
+    if not wanted(os.environ):
         return False
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: environ.get("OTEL_SERVICE_NAME")
-                                                        or service_name}))
+    # Shut down by `shutdown` (bounded), not by the SDK's own exit hook (which would wait for
+    # an unreachable collector as long as the exporter retries).
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME")
+                                                        or service_name}), shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     use(provider)
     return True
@@ -86,12 +92,15 @@ def enabled() -> bool:
     return _tracer is not None
 
 
-def shutdown() -> None:
-    """Exports what is buffered and turns tracing off (at the end of the process, or a test)."""
+def shutdown(timeout_seconds: float = SHUTDOWN_SECONDS) -> None:
+    """Turns tracing off and exports what is buffered, waiting at most `timeout_seconds`
+    (at the end of the process: a collector that does not answer must not hold up a stop)."""
     global _tracer, _provider
     provider, _provider, _tracer = _provider, None, None
     if provider is not None:
-        provider.shutdown()
+        flushing = threading.Thread(target=provider.shutdown, name="tracing-shutdown", daemon=True)
+        flushing.start()
+        flushing.join(timeout_seconds)
 
 
 # --- context carriers -----------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import threading
 import types
 from collections.abc import Iterator
 
@@ -31,6 +32,7 @@ from libs.envelope import decode_envelope, new_envelope
 from libs.errors import NotFound
 from libs.grpc_server import ErrorInterceptor
 from libs.worker import Consume, Event, Handle, Message, dispatch
+from tests import helpers
 
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 CALLER_SPAN_ID = 0x00F067AA0BA902B7
@@ -211,24 +213,42 @@ def test_without_an_otlp_endpoint_no_tracing_is_set_up_and_no_exporter_is_made(m
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(trace_exporter, "OTLPSpanExporter", CountingExporter)
+    for variable in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SDK_DISABLED",
+                     "OTEL_SERVICE_NAME"):
+        monkeypatch.delenv(variable, raising=False)
     assert not tracing.enabled()
-    assert tracing.setup("enrollment", environ={}) is False
-    assert tracing.setup("enrollment", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1",
-                                                "OTEL_SDK_DISABLED": "true"}) is False
+    assert tracing.setup("enrollment") is False
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert tracing.setup("enrollment") is False
     assert not tracing.enabled() and made == []
     envelope = new_envelope("reg-1", register_student=events_pb2.RegisterStudent(registration_id="reg-1"))
     assert len(envelope.trace_context) == 0
     assert tracing.start_span("anything", {"traceparent": TRACEPARENT}, SpanKind.INTERNAL) is None
 
     # The same call with an endpoint does make one (the test of the test).
+    monkeypatch.delenv("OTEL_SDK_DISABLED")
     try:
-        assert tracing.setup("enrollment", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"})
+        assert tracing.setup("enrollment")
         assert tracing.enabled() and len(made) == 1
         span = tracing.start_span("probe", None, SpanKind.INTERNAL)
         assert isinstance(span, ReadableSpan) and span.resource.attributes["service.name"] == "enrollment"
     finally:
         tracing.shutdown()
     assert not tracing.enabled()
+
+
+def test_a_stopping_process_waits_a_bounded_time_for_an_unreachable_collector(monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{helpers.free_port()}")  # nobody there
+    assert tracing.setup("enrollment")
+    for _ in range(3):
+        span = tracing.start_span("probe", None, SpanKind.INTERNAL)
+        assert span is not None
+        span.end()
+    stopping = threading.Thread(target=tracing.shutdown, args=(0.5,))
+    stopping.start()
+    stopping.join(30)  # the exporter alone would retry for up to 10 s (OTEL_EXPORTER_OTLP_TIMEOUT)
+    assert not stopping.is_alive() and not tracing.enabled()
 
 
 def test_the_services_own_calls_carry_the_trace_so_the_called_servers_span_is_a_child(spans):
