@@ -38,6 +38,7 @@ def service(settings: RegistrationSettings, *, worker: int | None = None) -> Ser
             commands,
             max_pending=settings.register_max_pending,
             retry_delay_seconds=settings.register_retry_delay_millis / 1000,
+            internationalized_mailboxes=settings.register_internationalized_mailboxes,
         )
 
         async def stop() -> None:

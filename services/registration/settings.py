@@ -18,6 +18,9 @@ class RegistrationSettings(CommonSettings):
     # Key that signs registration ids: set the same secret on every registration
     # instance; changing it makes earlier ids NOT_FOUND.
     registration_id_secret: Secret
+    # Whether the notifier's mail relay supports SMTPUTF8 (RFC 6531). False: Register
+    # refuses addresses whose mailbox name is outside ASCII, which could not be delivered.
+    register_internationalized_mailboxes: bool = True
     # How long Register waits to gather a PutRecords batch.
     register_batch_millis: float = 2.0
     # PutRecords calls in flight per stream; while they are busy, records queue up and

@@ -118,5 +118,13 @@ def test_names_are_stored_in_nfc_and_keep_the_joiners_scripts_need():
     assert sign_up(name="a" * 200).name == "a" * 200
 
 
+def test_without_smtputf8_at_the_relay_only_addresses_it_can_deliver_are_accepted():
+    strict = {"internationalized_mailboxes": False}
+    assert sign_up(email="x19@xn--bcher-kva.example", **strict).email == "x19@bücher.example"
+    assert sign_up(email="ada@bücher.example", **strict).email == "ada@bücher.example"  # sent as xn--
+    assert violated(email="josé@exemplo.com.br", **strict) == {"email"}
+    assert sign_up(email="josé@exemplo.com.br").email == "josé@exemplo.com.br"  # a relay with SMTPUTF8
+
+
 def test_internationalized_addresses_are_accepted():
     assert sign_up(email="josé@exemplo.com.br").email == "josé@exemplo.com.br"

@@ -75,7 +75,13 @@ def validate_sign_up(
     request_id: str,
     locale: str,
     today: dt.date,
+    *,
+    internationalized_mailboxes: bool = True,
 ) -> SignUp:
+    """`internationalized_mailboxes`: whether the mail relay takes SMTPUTF8; without it an
+    address whose mailbox name is outside ASCII could never get its emails, so it is
+    refused here (an ASCII mailbox at an internationalised domain is always deliverable:
+    the notifier writes the domain in IDNA)."""
     validator = Validator()
     clean_name = check_display_name(validator, "name", name)
 
@@ -107,6 +113,10 @@ def validate_sign_up(
             normalized_email = normalize_email(email.strip())
         except EmailNotValidError as error:
             validator.add("email", f"is not a valid address: {error}")
+        else:
+            if not internationalized_mailboxes and not normalized_email.rpartition("@")[0].isascii():
+                validator.add("email", "has a mailbox name outside ASCII, which this service's mail relay cannot "
+                                       "deliver to (no SMTPUTF8): give an address in ASCII")
 
     if len(request_id) > MAX_REQUEST_ID:
         validator.add("request_id", f"must be at most {MAX_REQUEST_ID} characters")

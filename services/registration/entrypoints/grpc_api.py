@@ -55,6 +55,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         *,
         max_pending: int = 256,
         retry_delay_seconds: float = 0.2,
+        internationalized_mailboxes: bool = True,
     ) -> None:
         self.ids = ids
         self.catalogue = catalogue
@@ -63,6 +64,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         # Admission: Register calls in progress in this process, and the limit beyond
         # which new ones are answered RESOURCE_EXHAUSTED (with RetryInfo) at once, so
         # overload is the service's decision, not HTTP/2 refusing streams.
+        self.internationalized_mailboxes = internationalized_mailboxes
         self.max_pending = max_pending
         self.retry_delay_seconds = retry_delay_seconds
         self.pending = 0
@@ -106,6 +108,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
             request.request_id,
             request.locale,
             today,
+            internationalized_mailboxes=self.internationalized_mailboxes,
         )
         # Within the caller's deadline, leaving at least half of it for the queue write.
         course = await self.catalogue.course(sign_up.course_id, timeout=_share_of_deadline(context, 0.5, 2.0))
