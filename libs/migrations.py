@@ -18,7 +18,9 @@ a frozen copy of that schema as `metadata`. What that version did at start is do
 once more (missing tables and indexes created), then the database is compared with the
 baseline by Alembic's autogenerate comparison; if they agree it is stamped with the
 baseline revision and upgraded like any other, otherwise it is refused with the
-differences named (`SchemaMismatch`), changing nothing.
+differences named (`SchemaMismatch`), changing nothing. Tables made from today's models
+without migrations (a development run in between, a test's create_all) that agree with
+the models exactly are stamped with the head instead.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (
@@ -54,6 +57,8 @@ from sqlalchemy import (
 )
 
 log = logging.getLogger(__name__)
+# Alembic narrates every step at INFO; the "database migrated" line here says what happened.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 VERSION_TABLE_PREFIX = "alembic_version_"
 
@@ -211,6 +216,17 @@ def _lock(conn: Connection, migrations: Migrations) -> None:
 def _adopt_if_created_before_migrations(conn: Connection, migrations: Migrations) -> None:
     if not created_before_migrations(conn, migrations):
         return
+    config = migrations.config(conn)
+    head = migrations.script().get_current_head()
+    assert head is not None
+    # Tables made from today's models without migrations (a development run, a test's
+    # create_all) are a head database.
+    if head != migrations.baseline()[0] and not schema_differences(conn, head_models(migrations, conn),
+                                                                   only_their_tables=True):
+        command.stamp(config, head)
+        log.info("database made from the models adopted at head", extra={"service": migrations.service,
+                                                                         "revision": head})
+        return
     revision, baseline = migrations.baseline()
     # What the version before migrations did at every start: create what was missing.
     baseline.create_all(conn)
@@ -224,9 +240,26 @@ def _adopt_if_created_before_migrations(conn: Connection, migrations: Migrations
             f"and they differ from the schema the version before migrations created: {'; '.join(differences)}. "
             "Nothing was changed: fix these by hand (or restore the database), then start again."
         )
-    command.stamp(migrations.config(conn), revision)
+    command.stamp(config, revision)
     log.info("database created before migrations adopted",
              extra={"service": migrations.service, "revision": revision})
+
+
+def head_models(migrations: Migrations, conn: Connection) -> list[MetaData]:
+    """The models the history's env.py names (its target metadata), read by running it
+    with nothing to migrate."""
+    config = migrations.config(conn)
+    script = ScriptDirectory.from_config(config)
+    models: list[MetaData] = []
+
+    def capture(_revision: Any, context: MigrationContext) -> list[Any]:
+        target = context.opts["target_metadata"]
+        models.extend([target] if isinstance(target, MetaData) else target)
+        return []
+
+    with EnvironmentContext(config, script, fn=capture):
+        script.run_env()
+    return models
 
 
 def run_env(target_metadata: Iterable[MetaData]) -> None:

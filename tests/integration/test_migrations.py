@@ -207,6 +207,21 @@ def test_a_partial_database_made_before_migrations_is_completed_like_before_then
         engine.dispose()
 
 
+def test_tables_made_from_todays_models_without_migrations_are_stamped_at_head(database_url):
+    """As a development run of a later schema (or a test's create_all) leaves them."""
+    service = declared("notifier")
+    assert service.migrations is not None
+    assert head_of(service.migrations) != service.migrations.baseline()[0], "the notifier's head is past its baseline"
+    engine = make_engine(database_url)
+    try:
+        ensure_schema(engine, *service.tables())
+        assert upgrade_to_head(engine, service.migrations) == head_of(service.migrations)
+        with engine.connect() as conn:
+            assert schema_differences(conn, service.tables()) == []
+    finally:
+        engine.dispose()
+
+
 def test_two_processes_starting_at_once_on_a_fresh_database_both_serve(kinesis_env, database_url, tmp_path):
     """Two enrollment workers started together: one migrates under the lock, the other
     finds the database at head; both turn SERVING."""
