@@ -21,6 +21,8 @@ MIN_SECRET_CHARS = 16
 
 def _check_secret(value: str, info: ValidationInfo) -> str:
     name = (info.field_name or "secret").upper()
+    if "change-me" in value or "replace-me" in value:
+        raise ValueError(f"{name} holds a placeholder (…change-me / replace-me…): set a random value of your own")
     if not value or value in _RETIRED_DEFAULTS:
         raise ValueError(
             f"{name} is not set{' (it holds a development default from the source)' if value else ''}: "

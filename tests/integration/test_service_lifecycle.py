@@ -119,3 +119,7 @@ def test_a_service_without_its_secrets_refuses_to_start_naming_each_variable(tmp
     done = subprocess.run([sys.executable, "-m", "services.registration"], env=retired, cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "REGISTRATION_ID_SECRET is not set (it holds a development default" in done.stderr
+    placeholder = {**os.environ, "LOG_PSEUDONYM_KEY": "replace-me-log-pseudonym-key"}
+    done = subprocess.run([sys.executable, "-m", "services.notifier"], env=placeholder, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "LOG_PSEUDONYM_KEY holds a placeholder" in done.stderr
