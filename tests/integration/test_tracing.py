@@ -286,3 +286,32 @@ def test_the_services_own_calls_carry_the_trace_so_the_called_servers_span_is_a_
     assert outer_span.parent is not None and outer_span.parent.span_id == CALLER_SPAN_ID
     assert inner_span.context.trace_id == TRACE_ID
     assert inner_span.parent is not None and inner_span.parent.span_id == outer_span.context.span_id
+
+
+def test_a_server_streaming_call_gets_one_span_ending_with_its_status(spans):
+    async def stream(request: bytes, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        for part in (b"a", b"b", b"c"):
+            yield part
+
+    async def scenario() -> list[bytes]:
+        interceptor = ErrorInterceptor("probe")
+        interceptor.ready = True
+        server = grpc.aio.server(interceptors=[interceptor])
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {
+            "Stream": grpc.unary_stream_rpc_method_handler(stream)})])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_stream(f"/{SERVICE}/Stream")(b"", metadata=(("traceparent", TRACEPARENT),),
+                                                                  timeout=10)
+                return [part async for part in call]
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(scenario()) == [b"a", b"b", b"c"]
+    (span,) = spans.get_finished_spans()
+    assert span.name == f"{SERVICE}/Stream" and span.kind is SpanKind.SERVER
+    assert span.parent is not None and span.parent.span_id == CALLER_SPAN_ID
+    assert span.attributes["rpc.grpc.status_code"] == 0
+    assert span.status.status_code is StatusCode.UNSET
