@@ -21,13 +21,13 @@ MIN_SECRET_CHARS = 16
 
 def _check_secret(value: str, info: ValidationInfo) -> str:
     name = (info.field_name or "secret").upper()
-    if "change-me" in value or "replace-me" in value:
-        raise ValueError(f"{name} holds a placeholder (…change-me / replace-me…): set a random value of your own")
     if not value or value in _RETIRED_DEFAULTS:
         raise ValueError(
             f"{name} is not set{' (it holds a development default from the source)' if value else ''}: "
             f"give every instance of this service the same random value, e.g. from "
             f"`python -c 'import secrets; print(secrets.token_urlsafe(32))'` (make run keeps one in var/secrets.env)")
+    if "change-me" in value or "replace-me" in value:
+        raise ValueError(f"{name} holds a placeholder (…change-me / replace-me…): set a random value of your own")
     if len(value) < MIN_SECRET_CHARS:
         raise ValueError(f"{name} must be at least {MIN_SECRET_CHARS} characters (use a random one)")
     return value
