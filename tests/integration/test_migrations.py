@@ -12,10 +12,12 @@ import subprocess
 import sys
 from typing import Any
 
+import grpc
 import pytest
 from alembic import command
 from sqlalchemy import Column, Engine, MetaData, Table, func, insert, inspect, select
 
+from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from libs.config import load_settings
 from libs.db import as_utc, ensure_schema, make_engine
 from libs.migrations import (
@@ -122,6 +124,35 @@ def test_a_database_made_before_migrations_is_adopted_and_upgraded_keeping_every
                     assert conn.execute(select(func.count()).select_from(table)).scalar_one() == 2, table.name
         assert upgrade_to_head(engine, migrations) == head_of(migrations), "a second start changes nothing"
         assert rows_of(engine, baseline) == before
+    finally:
+        engine.dispose()
+
+
+def test_the_enrollment_service_started_on_a_database_made_before_migrations_serves_its_catalogue(
+        kinesis_env, database_url):
+    migrations = migrations_of("enrollment")
+    engine = make_engine(database_url)
+    try:
+        baseline = create_as_before_migrations(engine, migrations)
+        with engine.begin() as conn:
+            for table in baseline.sorted_tables:
+                conn.execute(insert(table), [{c.name: sample_value(c, i) for c in table.columns} for i in (0, 1)])
+        before = rows_of(engine, baseline)
+        with helpers.serve_enrollment(database_url) as address, grpc.insecure_channel(address) as channel:
+            courses = enrollment_pb2_grpc.EnrollmentServiceStub(channel).ListCourses(
+                enrollment_pb2.ListCoursesRequest(page_size=10), timeout=10).courses
+        assert sorted((c.course_id, c.campus_id, c.capacity, c.enrolled_count) for c in courses) == [
+            ("course_id-0", "campus_id-0", 1, 1), ("course_id-1", "campus_id-1", 2, 2)]
+        with engine.connect() as conn:
+            assert current_revision(conn, migrations) == head_of(migrations)
+        after = rows_of(engine, baseline)
+        # The running service works on two tables: it adds leases of its own, and its relay
+        # tries the outbox rows (their streams do not exist, so they stay).
+        changing = ("shard_leases", "outbox")
+        assert {name: rows for name, rows in after.items() if name not in changing} == {
+            name: rows for name, rows in before.items() if name not in changing}
+        assert before["shard_leases"] <= after["shard_leases"], "old leases kept"
+        assert {row[:5] for row in after["outbox"]} == {row[:5] for row in before["outbox"]}
     finally:
         engine.dispose()
 
