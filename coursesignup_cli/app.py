@@ -222,6 +222,8 @@ def _show_stats(stats: Any) -> None:
     out.print(render.stats_table(stats))
     if stats.student_count:
         out.print(render.histogram(stats.age_histogram))
+    else:  # the stats service learns of a course or campus from its first enrollment
+        out.print("no students enrolled (yet)", highlight=False)
 
 
 @stats_app.command("course")
