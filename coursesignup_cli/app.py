@@ -102,6 +102,7 @@ def _parse_date(value: str | None, option: str) -> date_pb2.Date | None:
 def catalogue_load(
     ctx: typer.Context,
     file: Annotated[pathlib.Path, typer.Argument(help="a .csv or .yaml catalogue", show_default=False)],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="count what would change, write nothing")] = False,
 ) -> None:
     """Create the campuses and courses the file lists that are missing, update a course's
     name or capacity where they differ, leave the rest: loading twice changes nothing.
@@ -118,13 +119,13 @@ def catalogue_load(
         with progress:
             task = progress.add_task(f"loading {file.name}", total=len(catalogue))
             load_catalogue(clients.enrollment, catalogue, clients.admin(), clients.timeout, report,
-                           advance=lambda what: progress.update(task, advance=1, description=what))
+                           advance=lambda what: progress.update(task, advance=1, description=what), dry_run=dry_run)
     finally:
-        _print_load_report(report)
+        _print_load_report(report, dry_run)
 
 
-def _print_load_report(report: LoadReport) -> None:
-    table = Table(title="catalogue load")
+def _print_load_report(report: LoadReport, dry_run: bool) -> None:
+    table = Table(title="catalogue load (dry run: nothing written)" if dry_run else "catalogue load")
     for column in ("", "created", "updated", "unchanged"):
         table.add_column(column, justify="right" if column else "left")
     for name, counts in (("campuses", report.campuses), ("courses", report.courses)):
@@ -132,7 +133,10 @@ def _print_load_report(report: LoadReport) -> None:
     out.print(table)
     for warning in report.warnings:
         err.print(f"warning: {warning}", style="yellow", highlight=False)
-    out.print("changed the catalogue" if report.changed else "nothing to change", highlight=False)
+    if not report.changed:
+        out.print("nothing to change", highlight=False)
+    else:
+        out.print("would change the catalogue" if dry_run else "changed the catalogue", highlight=False)
 
 
 @catalogue_app.command("list")

@@ -184,11 +184,12 @@ def load_catalogue(
     timeout: float,
     report: LoadReport,
     advance: Callable[[str], None] = lambda _: None,
+    dry_run: bool = False,
 ) -> LoadReport:
     """Makes the service's catalogue hold what `catalogue` says, counting into `report`;
     `advance` is called once per entry done (for a progress bar). Stops at the first failed
     call (re-raised, `report` then tells what was done): a second run continues where it
-    stopped, since what was done is then unchanged."""
+    stopped, since what was done is then unchanged. `dry_run` counts without writing."""
     campuses = {c.campus_id: c for c in pages(
         enrollment.ListCampuses, enrollment_pb2.ListCampusesRequest(page_size=1000), "campuses", timeout=timeout)}
     courses = {c.course_id: c for c in pages(
@@ -198,9 +199,10 @@ def load_catalogue(
         existing = campuses.get(campus.campus_id)
         if existing is None:
             try:
-                enrollment.CreateCampus(enrollment_pb2.CreateCampusRequest(
-                    campus=enrollment_pb2.Campus(campus_id=campus.campus_id, name=campus.name)),
-                    metadata=admin, timeout=timeout)
+                if not dry_run:
+                    enrollment.CreateCampus(enrollment_pb2.CreateCampusRequest(
+                        campus=enrollment_pb2.Campus(campus_id=campus.campus_id, name=campus.name)),
+                        metadata=admin, timeout=timeout)
                 report.campuses.created += 1
             except grpc.RpcError as error:  # created meanwhile by someone else: compare with theirs
                 if not (isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.ALREADY_EXISTS):
@@ -219,9 +221,10 @@ def load_catalogue(
         existing = courses.get(course.course_id)
         if existing is None:
             try:
-                enrollment.CreateCourse(enrollment_pb2.CreateCourseRequest(course=enrollment_pb2.Course(
-                    course_id=course.course_id, campus_id=course.campus_id, name=course.name,
-                    capacity=course.capacity)), metadata=admin, timeout=timeout)
+                if not dry_run:
+                    enrollment.CreateCourse(enrollment_pb2.CreateCourseRequest(course=enrollment_pb2.Course(
+                        course_id=course.course_id, campus_id=course.campus_id, name=course.name,
+                        capacity=course.capacity)), metadata=admin, timeout=timeout)
                 report.courses.created += 1
             except grpc.RpcError as error:
                 if not (isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.ALREADY_EXISTS):
@@ -229,14 +232,14 @@ def load_catalogue(
                 existing = enrollment.GetCourse(
                     enrollment_pb2.GetCourseRequest(course_id=course.course_id), timeout=timeout)
         if existing is not None:
-            _update_course(enrollment, existing, course, admin, timeout, report)
+            _update_course(enrollment, existing, course, admin, timeout, report, dry_run)
         advance(f"course {course.course_id}")
     return report
 
 
 def _update_course(
     enrollment: Any, existing: Any, course: CourseEntry, admin: tuple[tuple[str, str], ...], timeout: float,
-    report: LoadReport,
+    report: LoadReport, dry_run: bool,
 ) -> None:
     if existing.campus_id != course.campus_id:
         report.warnings.append(
@@ -247,7 +250,8 @@ def _update_course(
     if not mask:
         report.courses.unchanged += 1
         return
-    enrollment.UpdateCourse(enrollment_pb2.UpdateCourseRequest(
-        course=enrollment_pb2.Course(course_id=course.course_id, name=course.name, capacity=course.capacity),
-        update_mask=mask), metadata=admin, timeout=timeout)
+    if not dry_run:
+        enrollment.UpdateCourse(enrollment_pb2.UpdateCourseRequest(
+            course=enrollment_pb2.Course(course_id=course.course_id, name=course.name, capacity=course.capacity),
+            update_mask=mask), metadata=admin, timeout=timeout)
     report.courses.updated += 1

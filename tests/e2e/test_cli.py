@@ -120,6 +120,9 @@ def test_loading_a_catalogue_twice_changes_nothing_the_second_time(mesh, workdir
     assert "nothing to change" in again
     assert course(mesh, "cli102").update_time == before.update_time, "the service saw no update"
 
+    dry = ok(cli(mesh, workdir, "catalogue", "load", "--dry-run", "catalogue.yaml"))
+    assert load_counts(dry) == {"campuses": (0, 0, 2), "courses": (1, 1, 1)} and "would change" in dry
+    assert course(mesh, "cli102").capacity == 10, "a dry run writes nothing"
     changed = ok(cli(mesh, workdir, "catalogue", "load", "catalogue.yaml"))
     assert load_counts(changed) == {"campuses": (0, 0, 2), "courses": (1, 1, 1)}
     assert load_counts(ok(cli(mesh, workdir, "catalogue", "load", "catalogue.yaml"))) == {
