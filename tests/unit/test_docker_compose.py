@@ -1043,3 +1043,59 @@ def test_every_metric_the_dashboard_queries_is_one_a_service_exports(dashboard: 
     for prefix in ("grpc_server_", "coursesignup_decision", "coursesignup_stream_consumer_lag",
                    "coursesignup_outbox_", "coursesignup_emails_"):
         assert any(name.startswith(prefix) for name in queried), f"the dashboard shows no {prefix}* metric"
+
+
+def test_image_health_check_speaks_tls_and_mutual_tls_when_the_service_does(tmp_path: pathlib.Path) -> None:
+    import datetime as dt
+    from concurrent import futures
+
+    import grpc
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    # The service's own certificate (self-signed, named for its DNS name, not 127.0.0.1):
+    # the check connects without verifying the name and presents it under mutual TLS.
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "enrollment")])
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("enrollment.example")]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_file, cert_file = tmp_path / "service.key", tmp_path / "service.pem"
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    def check(port: int, **tls: pathlib.Path) -> int:
+        env = {"PATH": os.environ["PATH"], **{name: str(path) for name, path in tls.items()}}
+        return subprocess.run(["sh", str(HEALTH_CHECK_SCRIPT), str(port)], env=env, timeout=30).returncode
+
+    for mutual in (False, True):
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        servicer = health.HealthServicer()
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        credentials = grpc.ssl_server_credentials(
+            [(key_file.read_bytes(), cert_file.read_bytes())],
+            root_certificates=cert_file.read_bytes() if mutual else None, require_client_auth=mutual)
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+        server.start()
+        try:
+            service_tls = {"TLS_CERT_FILE": cert_file, "TLS_KEY_FILE": key_file}
+            if mutual:
+                assert check(port, **service_tls) != 0, "no client certificate: refused"
+                service_tls["TLS_CLIENT_CA_FILE"] = cert_file
+            assert check(port, **service_tls) == 0, f"mutual={mutual}"
+            assert check(port) != 0, "plaintext against a TLS port"
+        finally:
+            server.stop(None)
