@@ -30,7 +30,12 @@ def service(settings: EnrollmentSettings) -> Service[EnrollmentSettings]:
 
     def servicers(runtime: Runtime[EnrollmentSettings]) -> list[Servicer]:
         assert runtime.engine is not None
-        servicer = EnrollmentServicer(runtime.engine, settings.enrollment_page_token_secret.encode())
+        def wake_relay() -> None:
+            if runtime.relay is not None:
+                runtime.relay.wake()
+
+        servicer = EnrollmentServicer(runtime.engine, settings.enrollment_page_token_secret.encode(),
+                                      stream_name=runtime.stream_name, published=wake_relay)
         return [Servicer(enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server, servicer, SERVICE_NAME,
                          ADMIN_METHODS)]
 

@@ -121,7 +121,8 @@ def test_a_database_made_before_migrations_is_adopted_and_upgraded_keeping_every
             assert schema_differences(conn, declared(name).tables()) == []
             for metadata in declared(name).tables():  # today's models read the upgraded tables
                 for table in metadata.sorted_tables:
-                    assert conn.execute(select(func.count()).select_from(table)).scalar_one() == 2, table.name
+                    rows = 2 if table.name in baseline.tables else 0  # tables added since start empty
+                    assert conn.execute(select(func.count()).select_from(table)).scalar_one() == rows, table.name
         assert upgrade_to_head(engine, migrations) == head_of(migrations), "a second start changes nothing"
         assert rows_of(engine, baseline) == before
     finally:

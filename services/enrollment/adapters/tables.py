@@ -1,8 +1,10 @@
-"""The enrollment database: catalogue, decisions, enrollments (plus leases and outbox from libs)."""
+"""The enrollment database: catalogue, decisions, enrollments, waiting lists (plus leases and outbox from libs)."""
 
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     Date,
@@ -12,6 +14,8 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    UniqueConstraint,
+    false,
 )
 
 metadata = MetaData()
@@ -51,6 +55,10 @@ decisions = Table(
     # Audit of the single writer: which worker decided, under which lease (fencing token).
     Column("worker_id", String(128), nullable=False, default=""),
     Column("lease_counter", Integer, nullable=False, default=0),
+    # When Register accepted the sign-up (NULL in decisions recorded before it was kept).
+    Column("create_time", DateTime(timezone=True), nullable=True),
+    # The seat came from the waiting list.
+    Column("promoted", Boolean, nullable=False, default=False, server_default=false()),
 )
 
 # One row per seat taken: the primary key makes a second seat for one email impossible.
@@ -63,4 +71,30 @@ enrollments = Table(
     Column("name", String(200), nullable=False),
     Column("birth_date", Date, nullable=False),
     Column("enroll_time", DateTime(timezone=True), nullable=False),
+    # The address as given and the email language, for the cancellation email ('' in older rows).
+    Column("contact_email", String(320), nullable=False, default="", server_default=""),
+    Column("locale", String(16), nullable=False, default="", server_default=""),
+)
+
+# One row per WAITLISTED registration. `seq` orders a course's waiting list (arrival order:
+# the decider numbers them as it decides); a position is derived from it (the rows of the
+# course with a smaller or equal seq), so a promotion or a cancellation deletes one row and
+# every position after it moves up without a renumbering. Rows carry what the enrollment
+# needs when a seat frees.
+waitlist = Table(
+    "waitlist",
+    metadata,
+    Column("registration_id", String(64), primary_key=True),
+    Column("course_id", String(63), ForeignKey("courses.course_id"), nullable=False),
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), nullable=False),
+    Column("email", String(320), nullable=False),
+    Column("contact_email", String(320), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("birth_date", Date, nullable=False),
+    Column("locale", String(16), nullable=False),
+    Column("accept_time", DateTime(timezone=True), nullable=True),
+    Column("wait_time", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("course_id", "seq", name="waitlist_course_seq"),
+    # One place in line per student and course, as one seat per student and course.
+    UniqueConstraint("course_id", "email", name="waitlist_course_email"),
 )

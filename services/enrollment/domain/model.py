@@ -13,6 +13,12 @@ class Outcome(enum.Enum):
     DECLINED_FULL = "DECLINED_FULL"
     DECLINED_DUPLICATE = "DECLINED_DUPLICATE"
     DECLINED_UNKNOWN_COURSE = "DECLINED_UNKNOWN_COURSE"
+    WAITLISTED = "WAITLISTED"
+    CANCELLED = "CANCELLED"
+
+
+# Where a registration can still move from: a cancellation applies to these only.
+ACTIVE = frozenset({Outcome.ENROLLED, Outcome.WAITLISTED})
 
 
 @dataclass
@@ -24,14 +30,26 @@ class CourseSeats:
     name: str
     capacity: int
     enrolled: int
+    # The students holding a seat or a place on the waiting list (among those looked up).
     enrolled_emails: set[str]
+    # The waiting list: its length, and the order key of its last place (0: never used).
+    waiting: int = 0
+    last_seq: int = 0
 
-    def decide(self, email: str) -> Outcome:
-        """Decides one registration and updates the seats; FIFO order is the caller's."""
+    def decide(self, email: str, join_waitlist: bool = False) -> Outcome:
+        """Decides one registration and updates the seats; FIFO order is the caller's.
+
+        A free seat exists only while nobody waits (a freed seat is given to the waiting
+        list in the transaction that frees it), so taking it never jumps the line."""
         if email in self.enrolled_emails:
             return Outcome.DECLINED_DUPLICATE
-        if self.enrolled >= self.capacity:
-            return Outcome.DECLINED_FULL
+        if self.enrolled >= self.capacity or self.waiting:
+            if not join_waitlist:
+                return Outcome.DECLINED_FULL
+            self.waiting += 1
+            self.last_seq += 1
+            self.enrolled_emails.add(email)
+            return Outcome.WAITLISTED
         self.enrolled += 1
         self.enrolled_emails.add(email)
         return Outcome.ENROLLED

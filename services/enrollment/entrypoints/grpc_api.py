@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -23,6 +23,8 @@ _OUTCOMES = {
     Outcome.DECLINED_FULL.value: enrollment_pb2.DECISION_OUTCOME_DECLINED_FULL,
     Outcome.DECLINED_DUPLICATE.value: enrollment_pb2.DECISION_OUTCOME_DECLINED_DUPLICATE,
     Outcome.DECLINED_UNKNOWN_COURSE.value: enrollment_pb2.DECISION_OUTCOME_DECLINED_UNKNOWN_COURSE,
+    Outcome.WAITLISTED.value: enrollment_pb2.DECISION_OUTCOME_WAITLISTED,
+    Outcome.CANCELLED.value: enrollment_pb2.DECISION_OUTCOME_CANCELLED,
 }
 
 
@@ -39,6 +41,7 @@ def course_message(row: Any) -> enrollment_pb2.Course:
         enrolled_count=row.enrolled_count,
         create_time=timestamp(row.create_time),
         update_time=timestamp(row.update_time),
+        waitlist_count=row.waitlist_count,
     )
 
 
@@ -55,9 +58,14 @@ def exported_enrollment_message(row: Any) -> enrollment_pb2.ExportedEnrollment:
 
 
 class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
-    def __init__(self, engine: Engine, page_token_key: bytes) -> None:
+    def __init__(self, engine: Engine, page_token_key: bytes, *, stream_name: Callable[[str], str] = str,
+                 published: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self.page_token_key = page_token_key
+        # Where UpdateCourse's promotions go (the outbox rows' full stream names), and what
+        # runs once they committed (the relay is woken to publish them at once).
+        self.stream_name = stream_name
+        self.published = published
 
     async def CreateCampus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         row = await asyncio.to_thread(catalogue.create_campus, self.engine, request.campus.campus_id,
@@ -97,7 +105,7 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
         course = request.course
         row = await asyncio.to_thread(
             catalogue.update_course, self.engine, course.course_id, course.name, course.capacity,
-            list(request.update_mask),
+            list(request.update_mask), stream_name=self.stream_name, committed=self.published,
         )
         return course_message(row)
 
@@ -108,6 +116,9 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
             course_id=row.course_id,
             outcome=_OUTCOMES[row.outcome],
             decide_time=timestamp(row.decide_time),
+            waitlist_position=row.waitlist_position or 0,
+            create_time=timestamp(row.create_time) if row.create_time is not None else None,
+            promoted=bool(row.promoted),
         )
 
     async def ExportEnrollments(

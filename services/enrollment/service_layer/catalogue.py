@@ -7,19 +7,30 @@ are domain errors from libs.errors, turned into gRPC statuses by the server boot
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from libs import outbox
 from libs.db import read_only
 from libs.errors import AlreadyExists, FailedPrecondition, NotFound, Validator
 from libs.ids import check_resource_id
 from libs.pagination import decode_token, encode_token, page_size
 from libs.text import check_display_name
-from services.enrollment.adapters.tables import campuses, courses, decisions
+from services.enrollment.adapters.tables import campuses, courses, decisions, waitlist
 from services.enrollment.domain.model import MAX_CAPACITY
+from services.enrollment.service_layer.waitlist import lock_courses, position_of, promote
+
+# A course as the API shows it: its row and how many wait for a seat (one statement, one snapshot).
+_WAITLIST_COUNT = (select(func.count()).select_from(waitlist).where(waitlist.c.course_id == courses.c.course_id)
+                   .scalar_subquery().label("waitlist_count"))
+_COURSE = select(courses, _WAITLIST_COUNT)
+# A decision with the position of its waiting place, if it has one.
+_DECISION = (select(decisions, position_of(waitlist).scalar_subquery().label("waitlist_position"))
+             .select_from(decisions.outerjoin(waitlist, waitlist.c.registration_id == decisions.c.registration_id)))
 
 
 @dataclass(frozen=True)
@@ -108,7 +119,7 @@ def get_course(engine: Engine, course_id: str) -> Any:
     check_resource_id(validator, "course_id", course_id)
     validator.check()
     with read_only(engine).connect() as conn:
-        row = conn.execute(select(courses).where(courses.c.course_id == course_id)).first()
+        row = conn.execute(_COURSE.where(courses.c.course_id == course_id)).first()
     if row is None:
         raise _course_not_found(course_id)
     return row
@@ -122,7 +133,7 @@ def list_courses(engine: Engine, campus_id: str, requested_size: int, token: str
     size = page_size(requested_size)
     query_key = {"method": "ListCourses", "campus_id": campus_id}
     after = decode_token(token, query_key, token_key)
-    query = select(courses).order_by(courses.c.course_id).limit(size + 1)
+    query = _COURSE.order_by(courses.c.course_id).limit(size + 1)
     if campus_id:
         query = query.where(courses.c.campus_id == campus_id)
     if after is not None:
@@ -133,7 +144,15 @@ def list_courses(engine: Engine, campus_id: str, requested_size: int, token: str
     return Page(list(rows[:size]), next_token)
 
 
-def update_course(engine: Engine, course_id: str, name: str, capacity: int, mask: list[str]) -> Any:
+def update_course(engine: Engine, course_id: str, name: str, capacity: int, mask: list[str], *,
+                  stream_name: Callable[[str], str] = str, committed: Callable[[], None] | None = None) -> Any:
+    """Changes a course; a capacity rise promotes waitlisted registrations into the new seats.
+
+    The course row is locked first, as the decider locks it (service_layer.waitlist), so
+    the new capacity and the promotions it allows commit together, with their events in
+    the outbox (`stream_name` gives a stream's full name), and a batch deciding the same
+    course waits for them or goes first: never two promotions of one registration, never
+    more seats than the capacity. `committed` runs after the commit (wakes the relay)."""
     fields = set(mask) or {"name", "capacity"}
     validator = Validator()
     check_resource_id(validator, "course.course_id", course_id)
@@ -154,7 +173,14 @@ def update_course(engine: Engine, course_id: str, name: str, capacity: int, mask
         # Conditional on the seats taken at the moment of the write: never below enrolled.
         condition.append(courses.c.enrolled_count <= capacity)
     with engine.begin() as conn:
+        locked = lock_courses(conn, [course_id]).get(course_id)
+        if locked is None:
+            raise _course_not_found(course_id)
         changed = conn.execute(update(courses).where(*condition).values(**values)).rowcount
+        if changed == 1 and "capacity" in fields and capacity > locked.enrolled_count:
+            events = promote(conn, lock_courses(conn, [course_id])[course_id], values["update_time"])
+            outbox.enqueue(conn, [(stream_name(e.stream), e.partition_key, e.envelope.SerializeToString())
+                                  for e in events])
         if changed != 1:
             row = conn.execute(select(courses.c.enrolled_count).where(courses.c.course_id == course_id)).first()
             if row is None:
@@ -165,6 +191,8 @@ def update_course(engine: Engine, course_id: str, name: str, capacity: int, mask
                 metadata={"course_id": course_id, "enrolled_count": str(row.enrolled_count),
                           "requested_capacity": str(capacity)},
             )
+    if committed is not None:
+        committed()
     return get_course(engine, course_id)
 
 
@@ -179,7 +207,7 @@ def get_decision(engine: Engine, registration_id: str) -> Any:
         validator.add("registration_id", "must not contain control characters")
     validator.check()
     with read_only(engine).connect() as conn:
-        row = conn.execute(select(decisions).where(decisions.c.registration_id == registration_id)).first()
+        row = conn.execute(_DECISION.where(decisions.c.registration_id == registration_id)).first()
     if row is None:
         raise NotFound(f"no decision recorded for registration {registration_id!r}", reason="DECISION_NOT_FOUND",
                        metadata={"registration_id": registration_id})
