@@ -1,4 +1,11 @@
-"""The RegistrationService gRPC servicer: validate, queue on Kinesis, answer PENDING."""
+"""The RegistrationService gRPC servicer: validate, queue on Kinesis, answer PENDING.
+
+Status look-ups and cancellations ask enrollment for the decision. A cancellation is a
+command queued on `registrations` like a sign-up, keyed by the registration's course so
+the course's single writer applies it after the sign-up: registration ids do not carry
+their course, so the course comes from the decision, or, while the registration is still
+PENDING (no decision yet), from the request's course_id, which is then required.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +22,16 @@ from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from coursesignup.events.v1 import events_pb2
 from coursesignup.registration.v1 import registration_pb2, registration_pb2_grpc
 from libs.envelope import new_envelope
-from libs.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from libs.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    Validator,
+)
+from libs.ids import check_resource_id
 from libs.kinesis import KinesisOutcomeUnknown, KinesisUnavailable, RecordBatcher
 from libs.proto_time import date_message
 from services.registration.adapters.catalogue import Catalogue
@@ -32,7 +48,26 @@ _STATUS = {
     enrollment_pb2.DECISION_OUTCOME_DECLINED_DUPLICATE: registration_pb2.REGISTRATION_STATUS_DECLINED_DUPLICATE,
     enrollment_pb2.DECISION_OUTCOME_DECLINED_UNKNOWN_COURSE:
         registration_pb2.REGISTRATION_STATUS_DECLINED_UNKNOWN_COURSE,
+    enrollment_pb2.DECISION_OUTCOME_WAITLISTED: registration_pb2.REGISTRATION_STATUS_WAITLISTED,
+    enrollment_pb2.DECISION_OUTCOME_CANCELLED: registration_pb2.REGISTRATION_STATUS_CANCELLED,
 }
+_DECLINED = frozenset({registration_pb2.REGISTRATION_STATUS_DECLINED_FULL,
+                       registration_pb2.REGISTRATION_STATUS_DECLINED_DUPLICATE,
+                       registration_pb2.REGISTRATION_STATUS_DECLINED_UNKNOWN_COURSE})
+
+
+def registration_message(registration_id: str, decision: Any) -> registration_pb2.Registration:
+    """A registration as enrollment's decision says it stands."""
+    registration = registration_pb2.Registration(
+        registration_id=registration_id,
+        course_id=decision.course_id,
+        status=_STATUS.get(decision.outcome, registration_pb2.REGISTRATION_STATUS_PENDING),
+        decide_time=decision.decide_time,
+        waitlist_position=decision.waitlist_position,
+    )
+    if decision.HasField("create_time"):
+        registration.create_time.CopyFrom(decision.create_time)
+    return registration
 
 
 UNKNOWN_OUTCOME = "unknown whether the sign-up was queued: retry with the same request_id"
@@ -128,22 +163,12 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
                 locale=sign_up.locale,
                 accept_time=accepted,
                 course_name=course.name,
+                join_waitlist=request.join_waitlist,
             ),
         )
         # One record per sign-up: enrollment decides it, and the notifier reads the same
         # record for the "received" email (two consumer applications of one stream).
-        # Every answer is true: OK once Kinesis accepted the record, UNAVAILABLE only when
-        # it certainly was not written, DEADLINE_EXCEEDED (unknown) when a PutRecords that
-        # may have written it has not answered by the caller's deadline.
-        timeout = context.time_remaining()
-        written = self.commands.put(command.SerializeToString(), sign_up.course_id, timeout=timeout)
-        try:
-            await asyncio.wait_for(written, timeout)
-        except KinesisUnavailable as error:
-            raise Unavailable("the registration queue is unavailable; retry with the same request_id",
-                              reason="QUEUE_UNAVAILABLE") from error
-        except (KinesisOutcomeUnknown, TimeoutError) as error:
-            raise DeadlineExceeded(UNKNOWN_OUTCOME) from error
+        await self._queue(command, sign_up.course_id, context)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("registration queued", extra={"registration_id": registration_id,
                                                     "course_id": sign_up.course_id})
@@ -151,8 +176,24 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
             registration_id=registration_id, status=registration_pb2.REGISTRATION_STATUS_PENDING
         )
 
-    async def GetRegistration(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        registration_id = self.ids.canonical(request.registration_id)
+    async def _queue(self, command: events_pb2.Envelope, course_id: str, context: grpc.aio.ServicerContext) -> None:
+        """Writes a command to `registrations` keyed by its course. Every answer is true: it
+        returns once Kinesis accepted the record, raises UNAVAILABLE only when it certainly
+        was not written, DEADLINE_EXCEEDED (unknown) when a PutRecords that may have written
+        it has not answered by the caller's deadline."""
+        timeout = context.time_remaining()
+        written = self.commands.put(command.SerializeToString(), course_id, timeout=timeout)
+        try:
+            await asyncio.wait_for(written, timeout)
+        except KinesisUnavailable as error:
+            raise Unavailable("the registration queue is unavailable; retry with the same request_id",
+                              reason="QUEUE_UNAVAILABLE") from error
+        except (KinesisOutcomeUnknown, TimeoutError) as error:
+            raise DeadlineExceeded(UNKNOWN_OUTCOME) from error
+
+    def _issued_id(self, given: str) -> str:
+        """The canonical spelling of an issued id; INVALID_ARGUMENT or NOT_FOUND otherwise."""
+        registration_id = self.ids.canonical(given)
         if not registration_id:
             raise InvalidArgument.single("registration_id", "is required")
         check = self.ids.check(registration_id)
@@ -161,6 +202,61 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         if check is IdCheck.NOT_ISSUED:
             raise NotFound(f"registration {registration_id!r} not found", reason="REGISTRATION_NOT_FOUND",
                            metadata={"registration_id": registration_id})
+        return registration_id
+
+    async def CancelRegistration(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        registration_id = self._issued_id(request.registration_id)
+        given_course = request.course_id
+        if given_course:
+            validator = Validator()
+            check_resource_id(validator, "course_id", given_course)
+            validator.check()
+        try:
+            decision = await self.enrollment.GetDecision(
+                enrollment_pb2.GetDecisionRequest(registration_id=registration_id),
+                timeout=_share_of_deadline(context, 0.5, 2.0),
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                # Without the decision it is unknown whether it may be cancelled (a declined
+                # one may not) or which course's writer owns it: nothing is queued.
+                log.warning("decision look-up failed; cancellation refused", extra={"code": error.code().name})
+                raise Unavailable("the registration's decision cannot be looked up now; retry",
+                                  reason="ENROLLMENT_UNAVAILABLE") from error
+            decision = None
+        if decision is None:
+            if not given_course:
+                raise InvalidArgument.single(
+                    "course_id", "is required while the registration is PENDING (its id does not carry its course)")
+            await self.catalogue.course(given_course, timeout=_share_of_deadline(context, 0.5, 2.0))
+            current = registration_pb2.Registration(registration_id=registration_id,
+                                                    status=registration_pb2.REGISTRATION_STATUS_PENDING)
+            course_id = given_course
+        else:
+            current = registration_message(registration_id, decision)
+            course_id = decision.course_id
+            if given_course and given_course != course_id:
+                raise InvalidArgument.single("course_id", "is not the course of this registration")
+            if current.status in _DECLINED:
+                status = registration_pb2.RegistrationStatus.Name(current.status)
+                raise FailedPrecondition(
+                    f"registration {registration_id!r} is {status.removeprefix('REGISTRATION_STATUS_')}: "
+                    "there is nothing to cancel",
+                    reason="REGISTRATION_NOT_ACTIVE", metadata={"registration_id": registration_id, "status": status})
+            if current.status == registration_pb2.REGISTRATION_STATUS_CANCELLED:
+                return current  # cancelled already: nothing is queued again
+        requested = timestamp_pb2.Timestamp()
+        requested.GetCurrentTime()
+        await self._queue(new_envelope(
+            registration_id, time=requested,
+            cancel_registration=events_pb2.CancelRegistration(
+                registration_id=registration_id, course_id=course_id, request_time=requested),
+        ), course_id, context)
+        log.info("cancellation queued", extra={"registration_id": registration_id, "course_id": course_id})
+        return current
+
+    async def GetRegistration(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        registration_id = self._issued_id(request.registration_id)
         pending = registration_pb2.Registration(
             registration_id=registration_id, status=registration_pb2.REGISTRATION_STATUS_PENDING
         )
@@ -174,9 +270,4 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
                 # Accepted ids stay PENDING while the enrollment service or its database is down.
                 log.warning("decision look-up failed; answering PENDING", extra={"code": error.code().name})
             return pending
-        return registration_pb2.Registration(
-            registration_id=registration_id,
-            course_id=decision.course_id,
-            status=_STATUS.get(decision.outcome, registration_pb2.REGISTRATION_STATUS_PENDING),
-            decide_time=decision.decide_time,
-        )
+        return registration_message(registration_id, decision)
