@@ -82,6 +82,8 @@ notifications = Table(
     # W3C traceparent of the consumer span that recorded the row (tracing on), so the
     # send continues the registration's trace; NULL when tracing was off.
     Column("trace_parent", String(64), nullable=True),
+    # WAITLISTED emails: the place in line when the registration joined it.
+    Column("waitlist_position", Integer, nullable=True),
     UniqueConstraint("registration_id", "kind", name="uq_notifications_registration_kind"),
 )
 
@@ -125,7 +127,7 @@ def add_notifications(conn: Connection, batch: Sequence[Notification], now: date
     rows = [
         {"registration_id": n.registration_id, "kind": n.kind.value, "recipient": n.recipient, "locale": n.locale,
          "name": n.name, "course_id": n.course_id, "course_name": n.course_name, "event_time": n.event_time,
-         "trace_parent": n.trace_parent or None, **constants}
+         "trace_parent": n.trace_parent or None, "waitlist_position": n.waitlist_position or None, **constants}
         for n in unique.values()
     ]
     return upsert_count(
@@ -145,6 +147,7 @@ def _notification(row: Any) -> Notification:
         course_name=row.course_name,
         event_time=row.event_time,
         trace_parent=row.trace_parent or "",
+        waitlist_position=row.waitlist_position or 0,
     )
 
 
@@ -161,7 +164,8 @@ class NotificationStore:
             rows = conn.execute(
                 # Only what sending needs: converting the timestamps is most of a row's cost.
                 select(t.c.id, t.c.attempts, t.c.registration_id, t.c.kind, t.c.recipient, t.c.locale, t.c.name,
-                       t.c.course_id, t.c.course_name, t.c.event_time, t.c.trace_parent)
+                       t.c.course_id, t.c.course_name, t.c.event_time, t.c.trace_parent,
+                       t.c.waitlist_position)
                 .where(t.c.status == DeliveryStatus.PENDING.value, t.c.next_attempt_at <= now)
                 .order_by(t.c.next_attempt_at, t.c.id)
                 .limit(limit)

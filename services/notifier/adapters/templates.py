@@ -49,6 +49,7 @@ class TemplateRenderer:
             "course": course,
             "course_id": single_line(notification.course_id),
             "registration_id": single_line(notification.registration_id),
+            "position": notification.waitlist_position,
         }
         subject_template, text_template, html_template = self._templates_for(locale, notification.kind.value)
         subject = single_line(subject_template.render(context), 900)

@@ -49,6 +49,8 @@ class Notification:
     event_time: float | None = None
     # W3C traceparent of the span that recorded it: the sender's span continues its trace.
     trace_parent: str = ""
+    # WAITLISTED: the place in line when the registration joined the waiting list (1 = next).
+    waitlist_position: int = 0
 
 
 @dataclass(frozen=True)

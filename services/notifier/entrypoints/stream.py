@@ -2,8 +2,10 @@
 
 The notifier is a second consumer application of two streams that other services
 already read (a standard Kinesis fan-out, with its own leases and checkpoints):
-`registrations` (RegisterStudent: the "received" email) and `enrollment-events` (the
-decision: enrolled, class full, already enrolled). Each fact is written once, by its
+`registrations` (RegisterStudent: the "received" email; cancellation commands mean
+nothing here, the cancellation event does) and `enrollment-events` (the decision:
+enrolled, class full, already enrolled, waitlisted with its position; then promoted from
+the waiting list, cancelled). Each fact is written once, by its
 producer, and no email depends on a second record. The handlers run inside the
 consumer's checkpoint transaction and only record notifications; they never talk to
 SMTP, so the checkpoint never waits for email. The runtime decodes each record once;
@@ -60,9 +62,10 @@ def received_notification(envelope: events_pb2.Envelope) -> Notification:
 
 
 def enrolled_notification(envelope: events_pb2.Envelope) -> Notification:
-    """The "enrolled" email; MalformedRecord if it cannot be sent."""
+    """The "enrolled" email, or "promoted" for a seat from the waiting list; MalformedRecord if it cannot be sent."""
     event = envelope.student_enrolled
-    return _notification(NotificationKind.ENROLLED, "student_enrolled", event.registration_id,
+    kind = NotificationKind.PROMOTED if event.promoted else NotificationKind.ENROLLED
+    return _notification(kind, "student_enrolled", event.registration_id,
                          event.contact_email or event.email, event.name, event.course_id, event.course_name,
                          event.locale, _epoch(event.enroll_time, envelope))
 
@@ -78,6 +81,26 @@ def declined_notification(envelope: events_pb2.Envelope) -> Notification | None:
     return _notification(kind, "registration_declined", declined.registration_id, declined.contact_email,
                          declined.name, declined.course_id, declined.course_name, declined.locale,
                          _epoch(declined.decide_time, envelope))
+
+
+def waitlisted_notification(envelope: events_pb2.Envelope) -> Notification:
+    """The "waiting list" email, with the place in line; MalformedRecord if it cannot be sent."""
+    event = envelope.registration_waitlisted
+    notification = _notification(NotificationKind.WAITLISTED, "registration_waitlisted", event.registration_id,
+                                 event.contact_email, event.name, event.course_id, event.course_name, event.locale,
+                                 _epoch(event.decide_time, envelope))
+    return dataclasses.replace(notification, waitlist_position=max(0, event.waitlist_position))
+
+
+def cancelled_notification(envelope: events_pb2.Envelope) -> Notification | None:
+    """The "cancelled" email (None: no address known, a registration cancelled before it was
+    ever decided); MalformedRecord if it cannot be sent."""
+    event = envelope.registration_cancelled
+    if not event.contact_email:
+        return None
+    return _notification(NotificationKind.CANCELLED, "registration_cancelled", event.registration_id,
+                         event.contact_email, event.name, event.course_id, event.course_name, event.locale,
+                         _epoch(event.cancel_time, envelope))
 
 
 def _epoch(moment: timestamp_pb2.Timestamp, envelope: events_pb2.Envelope) -> float | None:
@@ -128,8 +151,11 @@ def record(conn: Connection, messages: list[Message[Notification | None]]) -> No
 
 
 # The notifier is a second consumer application of both streams (a Kinesis fan-out).
-REGISTRATIONS = Consume(REGISTRATIONS_STREAM, {"register_student": Handle(record, received_notification)})
+REGISTRATIONS = Consume(REGISTRATIONS_STREAM, {"register_student": Handle(record, received_notification)},
+                        ignore=frozenset({"cancel_registration"}))
 ENROLLMENT_EVENTS = Consume(ENROLLMENT_EVENTS_STREAM, {
     "student_enrolled": Handle(record, enrolled_notification),
     "registration_declined": Handle(record, declined_notification),
+    "registration_waitlisted": Handle(record, waitlisted_notification),
+    "registration_cancelled": Handle(record, cancelled_notification),
 })

@@ -88,11 +88,66 @@ def project(conn: Connection, messages: list[Message[StudentEnrolled]]) -> None:
     log.debug("batch projected", extra={"enrollments": len(messages), "applied": applied})
 
 
-# What the stats service consumes: enrollments move the counts; a declined registration adds no student.
+@dataclass(frozen=True)
+class SeatFreed:
+    """An enrolled registration was cancelled: its enrollment leaves every scope."""
+
+    registration_id: str
+    course_id: str
+    campus_id: str
+    email: str
+    birth_date: date | None
+    cancel_time: datetime
+
+
+def parse_cancelled(envelope: events_pb2.Envelope) -> SeatFreed | None:
+    """The enrollment a registration_cancelled event removes (None: it held no seat, as a
+    waitlisted one); MalformedRecord (to dead letters) when it lacks what the removal needs."""
+    event = envelope.registration_cancelled
+    if not event.seat_freed:
+        return None
+    if not event.registration_id:
+        raise MalformedRecord("registration_cancelled lacks registration_id")
+    birth_date = None
+    if event.HasField("birth_date"):
+        try:
+            birth_date = date(event.birth_date.year, event.birth_date.month, event.birth_date.day)
+        except ValueError:
+            raise MalformedRecord("registration_cancelled.birth_date is not a valid calendar date") from None
+    moment = event.cancel_time if event.HasField("cancel_time") else envelope.time
+    return SeatFreed(event.registration_id, event.course_id, event.campus_id, event.email, birth_date,
+                     moment.ToDatetime(tzinfo=UTC))
+
+
+def unproject(conn: Connection, messages: list[Message[SeatFreed | None]]) -> None:
+    """Removes a run of cancelled enrollments (the removal path, `remove_enrollments`).
+
+    A cancellation that reaches the read model before its enrollment (a rebuild racing
+    the stream) leaves a tombstone, so the enrollment arriving later changes nothing."""
+    freed = [message.body for message in messages if message.body is not None]
+    if not freed:
+        return
+    tombstones = [
+        {"registration_id": f.registration_id, "course_id": f.course_id, "campus_id": f.campus_id,
+         "email": f.email, "name": "", "birth_date": f.birth_date, "enroll_time": f.cancel_time,
+         "removed_time": f.cancel_time}
+        for f in sorted(freed, key=lambda f: f.registration_id)
+        if f.birth_date is not None and f.course_id and f.campus_id and f.email
+    ]
+    if tombstones:
+        upsert_rows(conn, roster, tombstones,
+                    lambda insert: insert.on_conflict_do_nothing(index_elements=["registration_id"]))
+    removed = remove_enrollments(conn, [f.registration_id for f in freed], freed[-1].cancel_time)
+    log.debug("cancellations projected", extra={"cancellations": len(freed), "removed": removed})
+
+
+# What the stats service consumes: enrollments (promotions included) move the counts up,
+# cancelled enrollments down; a declined or waitlisted registration adds no student.
 ENROLLMENT_EVENTS = Consume(
     ENROLLMENT_EVENTS_STREAM,
-    {"student_enrolled": Handle(project, parse_enrolled)},
-    ignore=frozenset({"registration_declined"}),
+    {"student_enrolled": Handle(project, parse_enrolled),
+     "registration_cancelled": Handle(unproject, parse_cancelled)},
+    ignore=frozenset({"registration_declined", "registration_waitlisted"}),
 )
 
 
