@@ -8,20 +8,26 @@ import sys
 import pytest
 
 from libs.kinesis import ENROLLMENT_EVENTS_STREAM, REGISTRATIONS_STREAM
+from libs.migrations import Migrations
 from libs.service_registry import ServiceDescription, registered_services
 from services.enrollment.settings import EnrollmentSettings
 from services.notifier.settings import NotifierSettings
 from services.stats.settings import StatsSettings
 from tests import helpers
 
+ROOT = helpers.ROOT
+
 
 def test_every_stream_consuming_service_registers_itself() -> None:
     services = registered_services()
     assert services == {
-        "enrollment": ServiceDescription(EnrollmentSettings, "enrollment_database_url", (REGISTRATIONS_STREAM,)),
-        "stats": ServiceDescription(StatsSettings, "stats_database_url", (ENROLLMENT_EVENTS_STREAM,)),
+        "enrollment": ServiceDescription(EnrollmentSettings, "enrollment_database_url", (REGISTRATIONS_STREAM,),
+                                         migrations=Migrations("enrollment", ROOT / "services/enrollment/migrations")),
+        "stats": ServiceDescription(StatsSettings, "stats_database_url", (ENROLLMENT_EVENTS_STREAM,),
+                                    migrations=Migrations("stats", ROOT / "services/stats/migrations")),
         "notifier": ServiceDescription(
-            NotifierSettings, "notifier_database_url", (REGISTRATIONS_STREAM, ENROLLMENT_EVENTS_STREAM)
+            NotifierSettings, "notifier_database_url", (REGISTRATIONS_STREAM, ENROLLMENT_EVENTS_STREAM),
+            migrations=Migrations("notifier", ROOT / "services/notifier/migrations"),
         ),
     }
 
