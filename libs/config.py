@@ -48,6 +48,9 @@ class CommonSettings(BaseSettings):
     kinesis_shard_count: int = Field(default=4, ge=1)
     bind_host: str = "127.0.0.1"
     log_level: str = "INFO"
+    # One JSON line per gRPC call answered (method, status code, milliseconds; never the
+    # request). Off by default: at a thousand sign-ups a second it is a thousand lines.
+    log_calls: bool = False
     # How long a shard lease lasts without a heartbeat before another worker may take it.
     lease_seconds: float = Field(default=10.0, gt=0)
     # A name for this worker in lease tables; defaults to host:pid.

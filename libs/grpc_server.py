@@ -124,6 +124,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, service: str = "service", admin_methods: frozenset[str] = frozenset(),
                  admin_tokens: AdminTokens | None = None) -> None:
         self.ready = False
+        # One JSON line per call answered (method, code, milliseconds): LOG_CALLS.
+        self.log_calls = False
         self.admin_methods = admin_methods
         self.admin_tokens = admin_tokens or AdminTokens([])
         self.starting_message = f"the {service} service is starting; retry shortly"
@@ -176,7 +178,10 @@ def _wrap_unary_unary(handler: Any, method: str, gate: ErrorInterceptor | None, 
         except Exception as error:
             await _abort_for(error, context, method, started)
         finally:
-            metrics.handled(started, "CANCELLED" if cancelled else _code_name(context))
+            code = "CANCELLED" if cancelled else _code_name(context)
+            metrics.handled(started, code)
+            if gate is not None and gate.log_calls:
+                _log_call(method, code, started)
 
     return grpc.unary_unary_rpc_method_handler(
         unary_unary,
@@ -210,7 +215,10 @@ def _wrap_unary_stream(handler: Any, method: str, gate: ErrorInterceptor | None,
         except Exception as error:
             await _abort_for(error, context, method, started)
         finally:
-            metrics.handled(started, "CANCELLED" if cancelled else _code_name(context))
+            code = "CANCELLED" if cancelled else _code_name(context)
+            metrics.handled(started, code)
+            if gate is not None and gate.log_calls:
+                _log_call(method, code, started)
 
     return grpc.unary_stream_rpc_method_handler(
         unary_stream,
@@ -262,6 +270,11 @@ def _traced(handler: Any, method: str) -> Any:
         return grpc.unary_stream_rpc_method_handler(unary_stream, request_deserializer=handler.request_deserializer,
                                                     response_serializer=handler.response_serializer)
     return handler
+
+
+def _log_call(method: str, code: str, started: float) -> None:
+    """The access log line of one call: what and how, never the request (personal data)."""
+    log.info("rpc", extra={"method": method, "code": code, "millis": round((time.perf_counter() - started) * 1000, 2)})
 
 
 def _code_name(context: grpc.aio.ServicerContext) -> str:
@@ -340,6 +353,8 @@ class ServiceHooks:
     # catalogue): health answers for each as the service name "dependency:<name>",
     # SERVING while the check returns True, while "" stays SERVING. Checked every few seconds.
     dependencies: dict[str, Callable[[], bool]] = field(default_factory=dict)
+    # An access log: one line per call answered (health and reflection excepted).
+    log_calls: bool = False
 
     @staticmethod
     def tls_from(settings: CommonSettings) -> tuple[bytes, bytes, bytes | None] | None:
@@ -356,6 +371,7 @@ class ServiceHooks:
 async def serve(hooks: ServiceHooks, stop_event: asyncio.Event | None = None) -> int:
     """Serves until SIGTERM/SIGINT (or stop_event); returns the process exit code."""
     gate = ErrorInterceptor(hooks.name, admin_tokens=AdminTokens(hooks.admin_tokens))
+    gate.log_calls = hooks.log_calls
     server = grpc.aio.server(
         interceptors=[gate],
         options=[("grpc.so_reuseport", 1 if hooks.reuse_port else 0), *SERVER_OPTIONS],

@@ -319,7 +319,7 @@ class Service(Generic[S]):
                              service_names=names, start=runner.start, stop=runner.stop,
                              grace_seconds=settings.shutdown_grace_seconds, reuse_port=self.reuse_port,
                              admin_tokens=settings.admin_token_list(), tls=ServiceHooks.tls_from(settings),
-                             dependencies=runtime._dependencies)
+                             dependencies=runtime._dependencies, log_calls=settings.log_calls)
         return hooks
 
 

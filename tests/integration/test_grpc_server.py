@@ -115,3 +115,31 @@ def test_the_services_own_clients_retry_unavailable_with_the_shipped_service_con
         assert len(attempts) == 1
     finally:
         server.stop(0)
+
+
+def test_with_log_calls_every_answered_call_is_one_line_without_the_request(kinesis_env, tmp_path, caplog):
+    with helpers.serve_enrollment(f"sqlite:///{tmp_path / 'enrollment.db'}", seed_demo_catalogue=True,
+                                  log_calls=True) as target, grpc.insecure_channel(target) as channel:
+        stub = enrollment_pb2_grpc.EnrollmentServiceStub(channel)
+        with caplog.at_level("INFO", logger="libs.grpc_server"):
+            stub.GetCourse(enrollment_pb2.GetCourseRequest(course_id="cs101"), timeout=10)
+            with pytest.raises(grpc.RpcError):
+                stub.GetCourse(enrollment_pb2.GetCourseRequest(course_id="nosuchcourse"), timeout=10)
+            # A marker: once its line is in, the two calls before it were logged (or not).
+            stub.ListCampuses(enrollment_pb2.ListCampusesRequest(), timeout=10)
+            helpers.wait_until(lambda: any(getattr(r, "method", "").endswith("/ListCampuses")
+                                           for r in caplog.records if r.message == "rpc"), 10, "the marker's line")
+        calls = [(r.method.rsplit("/", 1)[-1], r.code) for r in caplog.records if r.message == "rpc"]
+        assert calls == [("GetCourse", "OK"), ("GetCourse", "NOT_FOUND"), ("ListCampuses", "OK")]
+        assert not any("cs101" in r.getMessage() or "nosuchcourse" in str(vars(r)) for r in caplog.records
+                       if r.message == "rpc")
+
+
+def test_without_log_calls_successful_calls_are_not_logged(enrollment, caplog):
+    with grpc.insecure_channel(enrollment) as channel, caplog.at_level("INFO", logger="libs.grpc_server"):
+        stub = enrollment_pb2_grpc.EnrollmentServiceStub(channel)
+        stub.GetCourse(enrollment_pb2.GetCourseRequest(course_id="cs101"), timeout=10)
+        with pytest.raises(grpc.RpcError):  # a marker that is logged either way
+            stub.GetCourse(enrollment_pb2.GetCourseRequest(course_id="nosuchcourse"), timeout=10)
+        helpers.wait_until(lambda: any(r.message == "rpc rejected" for r in caplog.records), 10, "the rejection")
+    assert not [r for r in caplog.records if r.message == "rpc"]
