@@ -51,6 +51,9 @@ class FieldKind(Enum):
     INTEGER = "a whole number"
     NUMBER = "a number"
     TIMESTAMP = "a timestamp"
+    # One of named values (`Field.values`), written bare as AIP-160 enum values are
+    # (`status = ENROLLED`) or in double quotes; only = and != compare them.
+    ENUM = "one of named values"
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class Field:
     kind: FieldKind
     expression: ColumnElement[Any]
     sortable: bool = True
+    # ENUM fields: each name a client may write (several may name one value) -> the stored value.
+    values: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ _FILTER_GRAMMAR = r"""
          | _MINUS term          -> negation
          | _LPAR expression _RPAR -> group
          | restriction
-    restriction: FIELD COMPARATOR (STRING | NUMBER)
+    restriction: FIELD COMPARATOR (STRING | NUMBER | FIELD)
 
     _AND: "AND"
     _OR: "OR"
@@ -249,10 +254,17 @@ class _Compiler:
         if field is None:
             raise self.invalid(f"unknown field {_quote(name)}; filterable fields: {', '.join(sorted(self.fields))}")
         value = self.value(field, literal)
+        if field.kind is FieldKind.ENUM and comparator not in ("=", "!="):
+            raise self.invalid(f"{field.name} is compared with = or != only")
         return _COMPARISONS[comparator](field.expression, value)
 
     def value(self, field: Field, literal: Token) -> Any:
         text = str(literal)
+        if field.kind is FieldKind.ENUM:
+            return self.enum_value(field, literal)
+        if literal.type == "FIELD":  # a bare word is only an enum value
+            raise self.invalid(f"unexpected {_quote(text)} at position {literal.column}; expected a number or "
+                               "a string in double quotes; string values go in double quotes")
         if field.kind in (FieldKind.STRING, FieldKind.TIMESTAMP):
             if literal.type != "STRING":
                 raise self.invalid(f"{field.name} is {field.kind.value}: compare it with a string in double quotes")
@@ -273,6 +285,13 @@ class _Compiler:
                 raise self.invalid(f"{field.name} is {field.kind.value}: {_quote(text)} is not one")
             return int(number)
         return float(number)
+
+    def enum_value(self, field: Field, literal: Token) -> str:
+        values = field.values or {}
+        name = _unescape(str(literal)) if literal.type == "STRING" else str(literal)
+        if name is None or name not in values:
+            raise self.invalid(f"{field.name} is one of {', '.join(sorted(values))}, not {_quote(str(literal))}")
+        return values[name]
 
     def timestamp(self, field: Field, text: str) -> datetime:
         match = _RFC_3339.fullmatch(text)

@@ -51,6 +51,24 @@ class ServiceError(Exception):
         )
 
 
+class RelayedError(ServiceError):
+    """An error another service of the mesh answered, passed on to the caller as it came
+    (status, message and details: a BadRequest naming the field, the ErrorInfo reason)."""
+
+    def __init__(self, status: status_pb2.Status) -> None:
+        reason = ""
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                reason = info.reason
+        super().__init__(status.message, reason=reason or None)
+        self.status = status
+        self.code = grpc.StatusCode[code_pb2.Code.Name(status.code)]
+
+    def to_status_proto(self) -> status_pb2.Status:
+        return self.status
+
+
 class InvalidArgument(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 

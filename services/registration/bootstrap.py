@@ -16,7 +16,7 @@ from libs.metrics import multiprocess_dir
 from libs.worker import Runtime, Service, Servicer
 from services.registration.adapters.catalogue import Catalogue
 from services.registration.domain.registration_ids import RegistrationIds
-from services.registration.entrypoints.grpc_api import SERVICE_NAME, RegistrationServicer
+from services.registration.entrypoints.grpc_api import ADMIN_METHODS, SERVICE_NAME, RegistrationServicer
 from services.registration.settings import RegistrationSettings
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ def service(settings: RegistrationSettings, *, worker: int | None = None) -> Ser
         runtime.dependency("enrollment", catalogue.reachable)
         runtime.on_start(commands.start)
         runtime.on_stop(stop)
-        return [Servicer(registration_pb2_grpc.add_RegistrationServiceServicer_to_server, servicer, SERVICE_NAME)]
+        return [Servicer(registration_pb2_grpc.add_RegistrationServiceServicer_to_server, servicer, SERVICE_NAME,
+                         ADMIN_METHODS)]
 
     return Service(
         name="registration",

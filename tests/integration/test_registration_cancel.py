@@ -139,3 +139,55 @@ def test_a_pending_cancellation_needs_its_course_and_never_keeps_a_seat(services
         registration.CancelRegistration(R.CancelRegistrationRequest(registration_id="reg_nonsense"))
     assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert cancellations(kinesis_env) == [pending]
+
+
+def test_list_registrations_needs_the_admin_token_and_finds_a_student_across_statuses(services):
+    registration, enrollment = services
+    enrollment.CreateCourse(enrollment_pb2.CreateCourseRequest(
+        course=enrollment_pb2.Course(course_id="two", campus_id="sp", name="Two", capacity=5)),
+        metadata=helpers.ADMIN_METADATA)
+    seated = register(registration, "ada@example.com")
+    waiting = register(registration, "bob@example.com", join_waitlist=True)
+    other = registration.Register(R.RegisterRequest(
+        name="Ada Again", email="Ada@Example.com", course_id="two",
+        birth_date=date_pb2.Date(year=1999, month=9, day=9)),
+        timeout=10).registration_id
+    until(registration, waiting, R.REGISTRATION_STATUS_WAITLISTED)
+    until(registration, other, R.REGISTRATION_STATUS_ENROLLED)
+
+    with pytest.raises(grpc.RpcError) as anonymous:
+        registration.ListRegistrations(R.ListRegistrationsRequest(), timeout=10)
+    assert (anonymous.value.code(), reason(anonymous.value)) == (grpc.StatusCode.UNAUTHENTICATED,
+                                                                 "ADMIN_TOKEN_REQUIRED")
+
+    def listed(filter_text: str, page_size: int = 0) -> list[R.ListedRegistration]:
+        found, token = [], ""
+        while True:
+            page = registration.ListRegistrations(R.ListRegistrationsRequest(
+                filter=filter_text, page_size=page_size, page_token=token), metadata=helpers.ADMIN_METADATA, timeout=10)
+            found += page.registrations
+            token = page.next_page_token
+            if not token:
+                return found
+
+    ada = listed('email = "ada@example.com"', page_size=1)
+    assert [(r.registration.registration_id, r.registration.course_id, r.name) for r in ada] == [
+        (seated, "one", "Student"), (other, "two", "Ada Again")]
+    [bob] = listed("status = WAITLISTED")
+    assert (bob.registration.registration_id, bob.registration.waitlist_position, bob.email) == (
+        waiting, 1, "bob@example.com")
+    [enrolled] = listed('status = REGISTRATION_STATUS_ENROLLED AND course_id = "two"')
+    assert enrolled.registration.registration_id == other
+
+    with pytest.raises(grpc.RpcError) as bad_filter:
+        registration.ListRegistrations(R.ListRegistrationsRequest(filter="status = SEATED"),
+                                       metadata=helpers.ADMIN_METADATA, timeout=10)
+    assert (bad_filter.value.code(), reason(bad_filter.value)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FILTER")
+    details = rpc_status.from_call(bad_filter.value)  # type: ignore[arg-type]
+    violations = [v.field for d in details.details
+                  if d.Unpack(bad := error_details_pb2.BadRequest()) for v in bad.field_violations]
+    assert violations == ["filter"], "enrollment's BadRequest reaches the caller"
+    with pytest.raises(grpc.RpcError) as bad_token:
+        registration.ListRegistrations(R.ListRegistrationsRequest(page_token="forged"),
+                                       metadata=helpers.ADMIN_METADATA, timeout=10)
+    assert reason(bad_token.value) == "INVALID_PAGE_TOKEN"

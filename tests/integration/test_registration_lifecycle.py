@@ -21,10 +21,12 @@ from libs import outbox as outbox_lib
 from libs.consumer import StreamRecord
 from libs.db import make_engine
 from libs.envelope import decode_envelope, new_envelope
+from libs.errors import InvalidArgument
 from libs.worker import dispatch
 from services.enrollment.adapters.tables import courses, decisions, enrollments, metadata, waitlist
 from services.enrollment.service_layer import catalogue
 from services.enrollment.service_layer.deciding import REGISTRATIONS, SeatsChanged
+from services.enrollment.service_layer.listing import list_decisions
 
 _SEQUENCE = itertools.count(1000)
 
@@ -41,13 +43,16 @@ def engine(database_url):
 
 
 def sign_up(registration_id: str, *, join_waitlist: bool = True, course_id: str = "small",
-            email: str | None = None) -> bytes:
+            email: str | None = None, accepted: int = 0) -> bytes:
     body = events_pb2.RegisterStudent(
         registration_id=registration_id, course_id=course_id, name=f"Name {registration_id}",
         email=email or f"{registration_id}@Example.com", birth_date=date_pb2.Date(year=2000, month=2, day=29),
         locale="pt-BR", course_name="Small", join_waitlist=join_waitlist,
     )
-    body.accept_time.GetCurrentTime()
+    if accepted:
+        body.accept_time.seconds = accepted
+    else:
+        body.accept_time.GetCurrentTime()
     return new_envelope(registration_id, register_student=body).SerializeToString()
 
 
@@ -329,3 +334,46 @@ def test_capacity_cannot_be_lowered_below_the_enrolled_count_and_promotes_nothin
     catalogue.update_course(engine, "small", "Renamed", 0, ["name"])
     assert outcome(engine, "w") == ("WAITLISTED", 1)
     assert course_row(engine).name == "Renamed"
+
+
+def _listed(engine: Engine, filter_text: str = "", order_by: str = "", size: int = 0) -> list[str]:
+    ids, token = [], ""
+    while True:
+        page = list_decisions(engine, filter_text, order_by, size, token, b"key")
+        ids += [row.registration_id for row in page.rows]
+        token = page.next_page_token
+        if not token:
+            return ids
+
+
+def test_list_decisions_filters_by_student_course_status_and_time_in_keyset_pages(engine):
+    catalogue.create_course(engine, "other", "sp", "Other", 5)
+    at = iter(range(1_800_000_000, 1_800_000_100))
+    decide(engine, [sign_up("a", email="ada@example.com", accepted=next(at)), sign_up("b", accepted=next(at)),
+                    sign_up("w", accepted=next(at)), sign_up("d", email="Ada@Example.com ", accepted=next(at)),
+                    sign_up("x", join_waitlist=False, accepted=next(at))])
+    decide(engine, [sign_up("o", course_id="other", email="ADA@example.com", accepted=next(at))])
+    decide(engine, [cancellation("b")])  # w moves into the seat
+
+    assert _listed(engine, 'email = "ada@example.com"') == ["a", "d", "o"], "one student across courses"
+    assert _listed(engine, "status = ENROLLED") == ["a", "w", "o"]
+    assert _listed(engine, 'status = REGISTRATION_STATUS_CANCELLED OR status = "DECLINED_FULL"') == ["b", "x"]
+    assert _listed(engine, "status = PENDING") == []
+    assert _listed(engine, 'course_id = "other" AND status != CANCELLED') == ["o"]
+    assert _listed(engine, 'create_time >= "2027-01-15T08:00:03Z"') == ["d", "x", "o"]
+    everything = _listed(engine)
+    assert everything == ["a", "b", "w", "d", "x", "o"], "create_time order"
+    assert _listed(engine, size=2) == everything
+    assert _listed(engine, "", "create_time desc", 2) == list(reversed(everything))
+    assert _listed(engine, order_by="course_id, status desc", size=1) == ["o", "a", "w", "x", "d", "b"]
+    first = list_decisions(engine, "", "", 2, "", b"key")
+    row = first.rows[0]
+    assert (row.name, row.email, row.waitlist_position) == ("Name a", "ada@example.com", 0)
+
+    for bad_filter in ("status > ENROLLED", "status = SEATED", 'email = ada', "name = \"x\""):
+        with pytest.raises(InvalidArgument) as refused:
+            list_decisions(engine, bad_filter, "", 0, "", b"key")
+        assert refused.value.reason == "INVALID_FILTER", bad_filter
+    with pytest.raises(InvalidArgument) as tampered:
+        list_decisions(engine, "status = ENROLLED", "", 2, first.next_page_token, b"key")
+    assert tampered.value.reason == "INVALID_PAGE_TOKEN", "a token is tied to its filter"

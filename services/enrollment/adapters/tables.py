@@ -10,6 +10,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -59,6 +60,10 @@ decisions = Table(
     Column("create_time", DateTime(timezone=True), nullable=True),
     # The seat came from the waiting list.
     Column("promoted", Boolean, nullable=False, default=False, server_default=false()),
+    # The student's name, for ListDecisions ('' in older rows and in cancellations never decided).
+    Column("name", String(200), nullable=False, default="", server_default=""),
+    # ListDecisions filters and pages by student across courses.
+    Index("ix_decisions_email", "email"),
 )
 
 # One row per seat taken: the primary key makes a second seat for one email impossible.

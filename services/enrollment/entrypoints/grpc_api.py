@@ -12,11 +12,12 @@ from sqlalchemy import Engine
 from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from libs.proto_time import date_message, timestamp
 from services.enrollment.domain.model import Outcome
-from services.enrollment.service_layer import catalogue, export
+from services.enrollment.service_layer import catalogue, export, listing
 
 SERVICE_NAME = enrollment_pb2.DESCRIPTOR.services_by_name["EnrollmentService"].full_name
-# Catalogue writes, and the export of every enrollment (personal data): admin token only.
-ADMIN_METHODS = ("CreateCampus", "CreateCourse", "UpdateCourse", "ExportEnrollments")
+# Catalogue writes, and the export of every enrollment and the listing of decisions
+# (personal data): admin token only.
+ADMIN_METHODS = ("CreateCampus", "CreateCourse", "UpdateCourse", "ExportEnrollments", "ListDecisions")
 
 _OUTCOMES = {
     Outcome.ENROLLED.value: enrollment_pb2.DECISION_OUTCOME_ENROLLED,
@@ -42,6 +43,18 @@ def course_message(row: Any) -> enrollment_pb2.Course:
         create_time=timestamp(row.create_time),
         update_time=timestamp(row.update_time),
         waitlist_count=row.waitlist_count,
+    )
+
+
+def decision_message(row: Any) -> enrollment_pb2.Decision:
+    return enrollment_pb2.Decision(
+        registration_id=row.registration_id,
+        course_id=row.course_id,
+        outcome=_OUTCOMES[row.outcome],
+        decide_time=timestamp(row.decide_time),
+        waitlist_position=row.waitlist_position or 0,
+        create_time=timestamp(row.create_time) if row.create_time is not None else None,
+        promoted=bool(row.promoted),
     )
 
 
@@ -111,14 +124,15 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
 
     async def GetDecision(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         row = await asyncio.to_thread(catalogue.get_decision, self.engine, request.registration_id)
-        return enrollment_pb2.Decision(
-            registration_id=row.registration_id,
-            course_id=row.course_id,
-            outcome=_OUTCOMES[row.outcome],
-            decide_time=timestamp(row.decide_time),
-            waitlist_position=row.waitlist_position or 0,
-            create_time=timestamp(row.create_time) if row.create_time is not None else None,
-            promoted=bool(row.promoted),
+        return decision_message(row)
+
+    async def ListDecisions(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        page = await asyncio.to_thread(listing.list_decisions, self.engine, request.filter, request.order_by,
+                                       request.page_size, request.page_token, self.page_token_key)
+        return enrollment_pb2.ListDecisionsResponse(
+            decisions=[enrollment_pb2.ListedDecision(decision=decision_message(row), email=row.email, name=row.name)
+                       for row in page.rows],
+            next_page_token=page.next_page_token,
         )
 
     async def ExportEnrollments(

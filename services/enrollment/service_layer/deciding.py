@@ -225,6 +225,7 @@ def write_decisions(conn: Connection, decided: list[Decision], now: dt.datetime)
             "lease_counter": d.record.lease_counter,
             "create_time": _accept_time(d.command),
             "promoted": False,
+            "name": d.command.name,
         }
         for d in decided
     ])
@@ -349,7 +350,7 @@ def _cancel_one(conn: Connection, record: StreamRecord, command: events_pb2.Canc
             "registration_id": command.registration_id, "course_id": command.course_id, "email": "",
             "outcome": Outcome.CANCELLED.value, "decide_time": now, "shard_id": record.shard_id,
             "sequence_number": record.sequence_number, "worker_id": record.worker_id,
-            "lease_counter": record.lease_counter, "create_time": None, "promoted": False,
+            "lease_counter": record.lease_counter, "create_time": None, "promoted": False, "name": "",
         })
         return [_cancelled_event(command, course, when, seat_freed=False)]
     if decision.course_id != command.course_id:

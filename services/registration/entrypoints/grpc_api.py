@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
+from grpc_status import rpc_status
 
 from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from coursesignup.events.v1 import events_pb2
@@ -27,6 +28,7 @@ from libs.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    RelayedError,
     ResourceExhausted,
     Unavailable,
     Validator,
@@ -41,6 +43,10 @@ from services.registration.domain.validation import validate_sign_up
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = registration_pb2.DESCRIPTOR.services_by_name["RegistrationService"].full_name
+# Registrations with the students' emails and names (personal data): admin token only.
+ADMIN_METHODS = ("ListRegistrations",)
+# What enrollment may answer ListDecisions that the caller should see as it is.
+_RELAYED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 _STATUS = {
     enrollment_pb2.DECISION_OUTCOME_ENROLLED: registration_pb2.REGISTRATION_STATUS_ENROLLED,
@@ -254,6 +260,31 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         ), course_id, context)
         log.info("cancellation queued", extra={"registration_id": registration_id, "course_id": course_id})
         return current
+
+    async def ListRegistrations(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        # Enrollment keeps the decisions: the caller's admin token (checked here already)
+        # goes on with the call, so enrollment checks it too.
+        authorization = [(key, value) for key, value in (context.invocation_metadata() or ())
+                         if key == "authorization"]
+        try:
+            page = await self.enrollment.ListDecisions(
+                enrollment_pb2.ListDecisionsRequest(filter=request.filter, order_by=request.order_by,
+                                                    page_size=request.page_size, page_token=request.page_token),
+                timeout=_share_of_deadline(context, 0.8, 10.0), metadata=authorization,
+            )
+        except grpc.aio.AioRpcError as error:
+            status = rpc_status.from_call(error)  # type: ignore[arg-type]
+            if error.code() in _RELAYED and status is not None:
+                raise RelayedError(status) from error
+            log.warning("decision listing failed", extra={"code": error.code().name})
+            raise Unavailable("the registrations cannot be listed now; retry",
+                              reason="ENROLLMENT_UNAVAILABLE") from error
+        return registration_pb2.ListRegistrationsResponse(
+            registrations=[registration_pb2.ListedRegistration(
+                registration=registration_message(listed.decision.registration_id, listed.decision),
+                email=listed.email, name=listed.name) for listed in page.decisions],
+            next_page_token=page.next_page_token,
+        )
 
     async def GetRegistration(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         registration_id = self._issued_id(request.registration_id)
