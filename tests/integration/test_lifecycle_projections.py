@@ -245,3 +245,31 @@ def test_a_cancellation_never_decided_is_not_emailed_and_registrations_commands_
     with notifier.connect() as conn:
         assert conn.execute(select(notifier_repository.notifications)).all() == []
         assert conn.execute(select(consumer_lib.dead_letters)).all() == []
+
+
+def test_a_cancellation_reaching_stats_before_its_enrollment_keeps_it_out(stats):
+    born = date_pb2.Date(year=1990, month=3, day=4)
+    cancelled = events_pb2.RegistrationCancelled(
+        registration_id="reg-late", course_id="c1", campus_id="north", seat_freed=True, email="late@example.org",
+        birth_date=born)
+    cancelled.cancel_time.GetCurrentTime()
+    enrolled = events_pb2.StudentEnrolled(
+        registration_id="reg-late", course_id="c1", campus_id="north", name="Late", email="late@example.org",
+        birth_date=born)
+    enrolled.enroll_time.GetCurrentTime()
+    kept = events_pb2.StudentEnrolled(
+        registration_id="reg-kept", course_id="c1", campus_id="north", name="Kept", email="kept@example.org",
+        birth_date=born)
+    kept.enroll_time.GetCurrentTime()
+    with stats.begin() as conn:  # delivered once: a redelivered cancellation would hide a missing tombstone
+        dispatch(conn, _records("enrollment-events", [
+            new_envelope("reg-late", registration_cancelled=cancelled).SerializeToString(),
+            new_envelope("reg-late", student_enrolled=enrolled).SerializeToString(),
+            new_envelope("reg-kept", student_enrolled=kept).SerializeToString()], 1), STATS_EVENTS)
+    for scope in ("course:c1", "campus:north", "overall"):
+        assert _figures(stats, scope)[0] == 1, scope
+    waitlisted = events_pb2.RegistrationWaitlisted(registration_id="reg-wait", course_id="c1", waitlist_position=1)
+    _project(stats, [new_envelope("reg-wait", registration_waitlisted=waitlisted).SerializeToString()])
+    assert _figures(stats, "course:c1")[0] == 1
+    with stats.connect() as conn:
+        assert conn.execute(select(consumer_lib.dead_letters)).all() == []
