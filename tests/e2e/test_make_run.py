@@ -16,6 +16,7 @@ from google.type import date_pb2
 from coursesignup.registration.v1 import registration_pb2 as R
 from coursesignup.registration.v1 import registration_pb2_grpc
 from dev.ports import listening
+from dev.secrets import SECRET_VARIABLES
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -26,9 +27,12 @@ PORTS = {"registration": 50051, "enrollment": 50052, "stats": 50053, "notifier":
 
 @contextlib.contextmanager
 def make_run(output: list[str]) -> Iterator[subprocess.Popen[str]]:
+    # As a user's shell has it: none of the tokens and keys the tests give their services
+    # (make run uses var/admin-token and var/secrets.env).
+    env = {k: v for k, v in os.environ.items() if k not in {"ADMIN_TOKENS", "ADMIN_TOKEN", *SECRET_VARIABLES}}
     process = subprocess.Popen(
         ["make", "--no-print-directory", "run"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,  # its own process group, as a terminal's foreground job
+        text=True, start_new_session=True, env=env,  # its own process group, as a terminal's foreground job
     )
     try:
         deadline = time.monotonic() + 180
@@ -101,4 +105,31 @@ def test_make_run_serves_the_demo_stops_on_ctrl_c_and_keeps_its_data():
         with grpc.insecure_channel("127.0.0.1:50051") as channel:
             stub = registration_pb2_grpc.RegistrationServiceStub(channel)
             assert decided(stub, reply.registration_id) == first_status  # the data survived the restart
+        ctrl_c(process)
+
+
+def readme_examples() -> str:
+    """The README's grpcurl examples: the first sh block after "Try it while `make run` is up"."""
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index("Try it while `make run` is up"):]
+    block = after[after.index("```sh\n") + len("```sh\n"):]
+    return block[:block.index("```\n")]
+
+
+def test_the_readme_examples_run_as_pasted_in_order_on_make_run_twice():
+    busy = [name for name, port in PORTS.items() if listening(port)]
+    if busy:
+        pytest.skip(f"default ports in use by something else ({', '.join(busy)}); is a `make run` up?")
+    examples = readme_examples()
+    assert "<" not in examples.replace("<<", ""), "a placeholder the reader would have to replace"
+    output: list[str] = []
+    with make_run(output) as process:
+        for attempt in range(2):  # pasted again in the same shell session's way: nothing breaks
+            done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", examples], cwd=ROOT, capture_output=True,
+                                  text=True, timeout=120)
+            assert done.returncode == 0, (attempt, done.stdout[-3000:], done.stderr[-3000:])
+            registration_id = done.stdout.split("\n", 1)[0] if done.stdout.startswith("reg_") else \
+                next(line for line in done.stdout.splitlines() if line.startswith("reg_"))
+            assert f'"registration_id": "{registration_id}"' in done.stdout  # GetRegistration found it
+            assert "REGISTRATION_STATUS_" in done.stdout and '"status": "SERVING"' in done.stdout
         ctrl_c(process)
