@@ -11,11 +11,13 @@ start   engine → wait for the database → its migrations to head (the service
         publishes events; libs.migrations) →
         `prepare` (seeds, read-model upgrades) → Kinesis client → wait for Kinesis →
         every stream it reads or writes exists → outbox relay → the service's own
-        parts (`Runtime.on_start`) → one lease consumer per consumed stream → ready
+        parts (`Runtime.on_start`) → the stream tails (`Runtime.tail`: read-only,
+        every shard from LATEST, records handed to the event loop; libs.stream_tail)
+        → one lease consumer per consumed stream → ready
         (health SERVING, and the server's readiness gate opens for every method);
         /metrics is served from the first step (libs.metrics)
 stop    (after the server stopped taking calls) consumers finish and checkpoint their
-        batch and hand back their leases → the service's parts, in reverse → relay →
+        batch and hand back their leases → tails → the service's parts, in reverse → relay →
         engine closed. A stop during start-up stops what was started.
 
 Consumption: each record's envelope is decoded once, here. What does not decode, or
@@ -62,6 +64,7 @@ from libs.grpc_server import ServiceHooks, in_daemon_thread
 from libs.kinesis import ensure_stream, kinesis_client, wait_for_kinesis
 from libs.metrics import BATCH_RECORDS, RECORDS_CONSUMED, GaugesAtScrape, MetricsEndpoint
 from libs.migrations import Migrations, upgrade_to_head
+from libs.stream_tail import StreamTail
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +231,8 @@ class Runtime(Generic[S]):
     kinesis: Any
     relay: outbox_lib.OutboxRelay | None = None
     consumers: list[consumer_lib.StreamConsumer] = field(default_factory=list)
+    _tails: list[tuple[str, Callable[[list[StreamRecord]], None]]] = field(default_factory=list)
+    tails: list[StreamTail] = field(default_factory=list)
     _starts: list[Callable[[], Any]] = field(default_factory=list)
     _stops: list[Callable[[], Any]] = field(default_factory=list)
     _after_commit: list[Callable[[], None]] = field(default_factory=list)
@@ -244,6 +249,14 @@ class Runtime(Generic[S]):
     def on_stop(self, stop: Callable[[], Any]) -> None:
         """Runs `stop` (sync or async) after the consumers stopped; stops run in reverse order."""
         self._stops.append(stop)
+
+    def tail(self, stream: str, on_records: Callable[[list[StreamRecord]], None]) -> None:
+        """Follows `stream` (base name) read-only in this process, without leases or
+        checkpoints, from the end of start-up on: `on_records` runs on the server's event
+        loop with each shard's new records. For noticing records cheaply in every process
+        (a record missed while Kinesis is unreachable is not delivered again); work that
+        must see every record once is a `Consume`."""
+        self._tails.append((stream, on_records))
 
     def dependency(self, name: str, healthy: Callable[[], bool]) -> None:
         """A dependency the service works without, but worse: its state is served as the
@@ -372,7 +385,8 @@ class _Runner:
                 await in_daemon_thread(service.prepare, engine)
         kinesis = runtime.kinesis
         await in_daemon_thread(wait_for_kinesis, kinesis)
-        streams = dict.fromkeys([*(c.stream for c in service.consumes), *service.publishes])
+        streams = dict.fromkeys([*(c.stream for c in service.consumes), *service.publishes,
+                                 *(stream for stream, _ in runtime._tails)])
         for base in streams:
             await in_daemon_thread(ensure_stream, kinesis, runtime.stream_name(base),
                                    runtime.settings.kinesis_shard_count)
@@ -383,6 +397,14 @@ class _Runner:
         for start in runtime._starts:
             await _call(start)
             self._started_parts += 1
+        loop = asyncio.get_running_loop()
+        for stream, on_records in runtime._tails:
+            def on_loop(records: list[StreamRecord], on_records: Callable[..., None] = on_records) -> None:
+                loop.call_soon_threadsafe(on_records, records)
+
+            tail = StreamTail(kinesis, runtime.stream_name(stream), on_loop)
+            await in_daemon_thread(tail.start)
+            runtime.tails.append(tail)
         for consume in service.consumes:
             assert engine is not None, "a service that consumes a stream needs a database"
             handler = functools.partial(dispatch, consume=consume, stream_name=runtime.stream_name,
@@ -405,6 +427,8 @@ class _Runner:
         runtime = self.runtime
         for consumer in runtime.consumers:
             await asyncio.to_thread(consumer.stop)
+        for tail in runtime.tails:
+            await asyncio.to_thread(tail.stop)
         for stop in reversed(runtime._stops):
             try:
                 await _call(stop)

@@ -1,6 +1,7 @@
 """The registration service, declared: the front door. It publishes each accepted
 sign-up on `registrations` (batched PutRecords) and keeps a cache of the catalogue; it
-has no database and consumes no stream. The runtime (libs.worker) does the rest."""
+has no database and consumes no stream with leases: it only tails `enrollment-events`
+read-only to wake its open watches. The runtime (libs.worker) does the rest."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from coursesignup.enrollment.v1 import enrollment_pb2_grpc
 from coursesignup.registration.v1 import registration_pb2_grpc
 from libs import grpc_client
 from libs.grpc_server import ServiceHooks, run_service
-from libs.kinesis import REGISTRATIONS_STREAM, RecordBatcher
+from libs.kinesis import ENROLLMENT_EVENTS_STREAM, REGISTRATIONS_STREAM, RecordBatcher
 from libs.metrics import multiprocess_dir
 from libs.worker import Runtime, Service, Servicer
 from services.registration.adapters.catalogue import Catalogue
 from services.registration.domain.registration_ids import RegistrationIds
 from services.registration.entrypoints.grpc_api import ADMIN_METHODS, SERVICE_NAME, RegistrationServicer
+from services.registration.service_layer.watches import WatchHub
 from services.registration.settings import RegistrationSettings
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ def service(settings: RegistrationSettings, *, worker: int | None = None) -> Ser
         commands = RecordBatcher(runtime.kinesis, runtime.stream_name(REGISTRATIONS_STREAM),
                                  max_wait_seconds=settings.register_batch_millis / 1000,
                                  max_in_flight=settings.register_max_in_flight)
+        watches = WatchHub()
         servicer = RegistrationServicer(
             RegistrationIds(settings.registration_id_secret),
             catalogue,
@@ -39,6 +42,7 @@ def service(settings: RegistrationSettings, *, worker: int | None = None) -> Ser
             max_pending=settings.register_max_pending,
             retry_delay_seconds=settings.register_retry_delay_millis / 1000,
             internationalized_mailboxes=settings.register_internationalized_mailboxes,
+            watches=watches,
         )
 
         async def stop() -> None:
@@ -53,6 +57,8 @@ def service(settings: RegistrationSettings, *, worker: int | None = None) -> Ser
         runtime.on_start(catalogue.start)
         runtime.dependency("enrollment", catalogue.reachable)
         runtime.on_start(commands.start)
+        # WatchRegistration: every process follows the enrollment events itself (no leases).
+        runtime.tail(ENROLLMENT_EVENTS_STREAM, watches.on_events)
         runtime.on_stop(stop)
         return [Servicer(registration_pb2_grpc.add_RegistrationServiceServicer_to_server, servicer, SERVICE_NAME,
                          ADMIN_METHODS)]

@@ -10,8 +10,10 @@ PENDING (no decision yet), from the request's course_id, which is then required.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
+import random
 import time
 from typing import Any
 
@@ -39,6 +41,7 @@ from libs.proto_time import date_message
 from services.registration.adapters.catalogue import Catalogue
 from services.registration.domain.registration_ids import IdCheck, RegistrationIds
 from services.registration.domain.validation import validate_sign_up
+from services.registration.service_layer.watches import WatchHub
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,8 @@ _STATUS = {
 _DECLINED = frozenset({registration_pb2.REGISTRATION_STATUS_DECLINED_FULL,
                        registration_pb2.REGISTRATION_STATUS_DECLINED_DUPLICATE,
                        registration_pb2.REGISTRATION_STATUS_DECLINED_UNKNOWN_COURSE})
+# Statuses a registration never leaves: a watch ends after sending one.
+_TERMINAL = _DECLINED | {registration_pb2.REGISTRATION_STATUS_CANCELLED}
 
 
 def registration_message(registration_id: str, decision: Any) -> registration_pb2.Registration:
@@ -97,8 +102,13 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         max_pending: int = 256,
         retry_delay_seconds: float = 0.2,
         internationalized_mailboxes: bool = True,
+        watches: WatchHub | None = None,
+        watch_reread_seconds: float = 30.0,
     ) -> None:
         self.ids = ids
+        self.watches = watches or WatchHub()
+        # A watch re-reads its registration this often (jittered ±25 %) even unwoken.
+        self.watch_reread_seconds = watch_reread_seconds
         self.catalogue = catalogue
         self.enrollment = enrollment
         self.commands = commands
@@ -288,17 +298,50 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
 
     async def GetRegistration(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         registration_id = self._issued_id(request.registration_id)
-        pending = registration_pb2.Registration(
-            registration_id=registration_id, status=registration_pb2.REGISTRATION_STATUS_PENDING
-        )
+        current = await self._look_up(registration_id, _share_of_deadline(context, 0.8, 2.0))
+        # Accepted ids stay PENDING while the enrollment service or its database is down.
+        return current or registration_pb2.Registration(registration_id=registration_id,
+                                                        status=registration_pb2.REGISTRATION_STATUS_PENDING)
+
+    async def _look_up(self, registration_id: str, timeout: float) -> registration_pb2.Registration | None:
+        """The registration as enrollment's decision says (PENDING: no decision yet), or
+        None when enrollment did not answer."""
         try:
             decision = await self.enrollment.GetDecision(
-                enrollment_pb2.GetDecisionRequest(registration_id=registration_id),
-                timeout=_share_of_deadline(context, 0.8, 2.0),
-            )
+                enrollment_pb2.GetDecisionRequest(registration_id=registration_id), timeout=timeout)
         except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.NOT_FOUND:
-                # Accepted ids stay PENDING while the enrollment service or its database is down.
-                log.warning("decision look-up failed; answering PENDING", extra={"code": error.code().name})
-            return pending
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return registration_pb2.Registration(registration_id=registration_id,
+                                                     status=registration_pb2.REGISTRATION_STATUS_PENDING)
+            log.warning("decision look-up failed", extra={"code": error.code().name})
+            return None
         return registration_message(registration_id, decision)
+
+    async def WatchRegistration(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The registration now, then at each change, until a terminal status. Woken by the
+        enrollment events of this registration and of its course (libs.stream_tail feeds
+        `self.watches`); each wake re-reads the decision and sends it only if it differs
+        from the last one sent. A jittered periodic re-read covers a missed event. The
+        caller's deadline cancels the call (DEADLINE_EXCEEDED), which closes the watch."""
+        registration_id = self._issued_id(request.registration_id)
+        with self.watches.watch(registration_id) as watch:
+            last: registration_pb2.Registration | None = None
+            while True:
+                watch.woken.clear()  # before the read: an event during it wakes the next one
+                current = await self._look_up(registration_id, _share_of_deadline(context, 0.5, 2.0))
+                if current is None and last is None:
+                    # As GetRegistration: an accepted id is PENDING while enrollment is down.
+                    current = registration_pb2.Registration(registration_id=registration_id,
+                                                            status=registration_pb2.REGISTRATION_STATUS_PENDING)
+                wait = self.watch_reread_seconds * random.uniform(0.75, 1.25)
+                if current is None:
+                    wait = min(wait, 2.0)  # enrollment did not answer: ask again soon
+                elif current != last:
+                    yield current
+                    last = current
+                    if current.status in _TERMINAL:
+                        return
+                    if current.course_id:
+                        self.watches.follow_course(watch, current.course_id)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(watch.woken.wait(), wait)
