@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
-import pathlib
-import shlex
 import signal
-import subprocess
-import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -26,7 +21,7 @@ from coursesignup.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 from coursesignup.registration.v1 import registration_pb2, registration_pb2_grpc
 from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
 from tests import helpers
-from tests.helpers import ROOT, wait_until
+from tests.helpers import wait_until
 from tests.mesh import Mesh, RecordingSmtpHandler, running_mesh, smtp_server
 
 pytestmark = pytest.mark.e2e
@@ -218,34 +213,6 @@ def test_registrations_stay_pending_while_enrollment_is_down_and_are_decided_whe
         running.start("enrollment")
         running.wait_healthy(("enrollment",))
     assert {final_status(registration, rid).status for rid in queued} == {R.REGISTRATION_STATUS_ENROLLED}
-
-
-def readme_grpcurl_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    return [line.strip() for line in text.splitlines() if line.strip().startswith(".venv/bin/grpcurl ")]
-
-
-def test_the_readme_grpcurl_examples_work_with_the_real_grpcurl(mesh):
-    running, _ = mesh
-    grpcurl = pathlib.Path(sys.executable).parent / "grpcurl"
-    commands = readme_grpcurl_commands()
-    assert len(commands) >= 5
-    registration_id = ""
-    for command in commands:
-        for service, default in (("registration", 50051), ("enrollment", 50052), ("stats", 50053),
-                                 ("notifier", 50054)):
-            command = command.replace(f"127.0.0.1:{default}", running.target(service))
-        command = command.replace("<the id Register returned>", registration_id)
-        command = command.replace("$(cat var/admin-token)", helpers.ADMIN_TOKEN)  # what the shell would read
-        argv = shlex.split(command)
-        argv[0] = str(grpcurl)
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-        assert result.returncode == 0, f"{command}\n{result.stderr}"
-        reply = json.loads(result.stdout)
-        if argv[-1].endswith("/Register"):
-            registration_id = reply["registration_id"]
-            assert reply["status"] == "REGISTRATION_STATUS_PENDING"
-    assert registration_id
 
 
 def test_every_service_stops_cleanly_on_sigterm(mesh):
