@@ -30,7 +30,7 @@ from coursesignup_cli import render
 from coursesignup_cli.catalogue import CatalogueFileError, LoadReport, load_catalogue, read_catalogue
 from coursesignup_cli.connection import Clients, Targets, TlsFiles, UsageError, pages, resolve_token
 from coursesignup_cli.errors import describe
-from coursesignup_cli.watch import PollingWatcher, RegistrationWatcher, WatchTimeout
+from coursesignup_cli.watch import DECIDED, FINAL, RegistrationWatcher, StreamingWatcher, WatchTimeout
 
 EXIT_CALL_FAILED, EXIT_USAGE, EXIT_WATCH_TIMEOUT, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -180,7 +180,7 @@ def register(
     out.print(f"registration_id: {reply.registration_id}", highlight=False)
     out.print("status: ", render.registration_status(reply.status), sep="")
     if watch:
-        _watch(PollingWatcher(clients.registration, clients.timeout), reply.registration_id, watch_timeout)
+        _watch(StreamingWatcher(clients.registration), reply.registration_id, watch_timeout)
 
 
 @app.command()
@@ -188,14 +188,15 @@ def watch(
     ctx: typer.Context,
     registration_id: Annotated[str, typer.Argument(show_default=False)],
     timeout: Annotated[float, typer.Option("--for", help="seconds to wait for the decision")] = 120.0,
+    follow: Annotated[bool, typer.Option(
+        "--follow", help="past ENROLLED too, until CANCELLED (or --for runs out)")] = False,
 ) -> None:
-    """Follow a registration until it is decided (or --for runs out: exit 3; Ctrl-C: 130).
-
-    The API has no WatchRegistration stream yet (issue 11): this polls GetRegistration,
-    soon at first, then every few seconds.
+    """Follow a registration until it is decided: ENROLLED, DECLINED_* or CANCELLED; a
+    WAITLISTED one is shown with each new position while it waits (--for runs out: exit 3;
+    Ctrl-C: 130). Uses the WatchRegistration stream: each change is shown as it happens.
     """
     clients = _clients(ctx)
-    _watch(PollingWatcher(clients.registration, clients.timeout), registration_id, timeout)
+    _watch(StreamingWatcher(clients.registration, until=FINAL if follow else DECIDED), registration_id, timeout)
 
 
 def _watch(watcher: RegistrationWatcher, registration_id: str, timeout: float) -> None:
@@ -205,6 +206,8 @@ def _watch(watcher: RegistrationWatcher, registration_id: str, timeout: float) -
             for registration in watcher.updates(registration_id, deadline):
                 when = render.time_text(registration.decide_time, registration.HasField("decide_time"))
                 about = [f"course {registration.course_id}"] if registration.course_id else []
+                if registration.status == registration_pb2.REGISTRATION_STATUS_WAITLISTED:
+                    about.append(f"position {registration.waitlist_position}")
                 about += [f"decided {when} UTC"] if when else []
                 out.print(f"{dt.datetime.now(dt.UTC):%H:%M:%S} {registration.registration_id} ",
                           render.registration_status(registration.status),

@@ -18,7 +18,7 @@ from coursesignup.registration.v1 import registration_pb2
 from coursesignup_cli.app import EXIT_INTERRUPTED, EXIT_WATCH_TIMEOUT, _watch
 from coursesignup_cli.catalogue import CampusEntry, CatalogueFileError, CourseEntry, read_catalogue
 from coursesignup_cli.errors import describe
-from coursesignup_cli.watch import PollingWatcher, WatchTimeout
+from coursesignup_cli.watch import FINAL, StreamingWatcher, WatchTimeout
 
 R = registration_pb2
 
@@ -63,36 +63,85 @@ def test_a_catalogue_file_mistake_is_told_with_where_it_is(
     assert message in str(raised.value)
 
 
+class FakeStream:
+    """What a server-streaming call returns: its messages, then how it ended."""
+
+    def __init__(self, replies: list[Any], error: BaseException | None = None) -> None:
+        self.replies, self.error, self.cancelled = replies, error, False
+
+    def __iter__(self) -> Any:
+        yield from self.replies
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class EndedCall(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+
 class FakeRegistration:
-    def __init__(self, statuses: list[Any]) -> None:
-        self.statuses = statuses
-        self.calls = 0
+    """WatchRegistration answered by each stream in turn (one per call)."""
 
-    def GetRegistration(self, request: Any, timeout: float) -> Any:  # noqa: N802 - the stub's name
-        status = self.statuses[min(self.calls, len(self.statuses) - 1)]
-        self.calls += 1
-        return R.Registration(registration_id=request.registration_id, course_id="art110", status=status)
+    def __init__(self, streams: list[FakeStream]) -> None:
+        self.streams = streams
+        self.calls: list[float] = []
+
+    def WatchRegistration(self, request: Any, timeout: float) -> Any:  # noqa: N802 - the stub's name
+        self.calls.append(timeout)
+        return self.streams[len(self.calls) - 1]
 
 
-def test_watch_yields_each_change_of_status_and_ends_at_the_decision() -> None:
-    stub = FakeRegistration([R.REGISTRATION_STATUS_PENDING] * 3 + [R.REGISTRATION_STATUS_ENROLLED])
+def registration(status: Any, position: int = 0) -> Any:
+    return R.Registration(registration_id="reg-1", course_id="art110", status=status, waitlist_position=position)
+
+
+def test_watch_yields_each_change_with_positions_and_ends_at_the_decision() -> None:
+    stream = FakeStream([registration(R.REGISTRATION_STATUS_PENDING),
+                         registration(R.REGISTRATION_STATUS_WAITLISTED, 2),
+                         registration(R.REGISTRATION_STATUS_WAITLISTED, 1),
+                         registration(R.REGISTRATION_STATUS_ENROLLED),
+                         registration(R.REGISTRATION_STATUS_CANCELLED)])
+    stub = FakeRegistration([stream])
+    updates = [(r.status, r.waitlist_position)
+               for r in StreamingWatcher(stub).updates("reg-1", deadline=time.monotonic() + 60)]
+    assert updates == [(R.REGISTRATION_STATUS_PENDING, 0), (R.REGISTRATION_STATUS_WAITLISTED, 2),
+                       (R.REGISTRATION_STATUS_WAITLISTED, 1), (R.REGISTRATION_STATUS_ENROLLED, 0)]
+    assert stream.cancelled and len(stub.calls) == 1 and 0 < stub.calls[0] <= 60
+
+
+def test_watch_with_follow_goes_on_past_enrolled_until_cancelled() -> None:
+    stub = FakeRegistration([FakeStream([registration(R.REGISTRATION_STATUS_ENROLLED),
+                                         registration(R.REGISTRATION_STATUS_CANCELLED)])])
+    updates = [r.status for r in StreamingWatcher(stub, until=FINAL).updates("reg-1", time.monotonic() + 60)]
+    assert updates == [R.REGISTRATION_STATUS_ENROLLED, R.REGISTRATION_STATUS_CANCELLED]
+
+
+def test_watch_opens_the_stream_again_when_an_instance_goes_away_without_repeating_itself() -> None:
+    waitlisted = registration(R.REGISTRATION_STATUS_WAITLISTED, 1)
+    stub = FakeRegistration([FakeStream([registration(R.REGISTRATION_STATUS_PENDING), waitlisted],
+                                        EndedCall(grpc.StatusCode.UNAVAILABLE)),
+                             FakeStream([waitlisted, registration(R.REGISTRATION_STATUS_DECLINED_FULL)])])
     sleeps: list[float] = []
-    watcher = PollingWatcher(stub, call_timeout=5, sleep=sleeps.append)
-    updates = [r.status for r in watcher.updates("reg-1", deadline=time.monotonic() + 60)]
-    assert updates == [R.REGISTRATION_STATUS_PENDING, R.REGISTRATION_STATUS_ENROLLED]
-    assert stub.calls == 4 and len(sleeps) == 3
-    assert sleeps[0] < 0.25 and sleeps[2] >= sleeps[0], "soon at first, then backing off"
+    updates = [r.status for r in StreamingWatcher(stub, sleep=sleeps.append).updates("reg-1", time.monotonic() + 60)]
+    assert updates == [R.REGISTRATION_STATUS_PENDING, R.REGISTRATION_STATUS_WAITLISTED,
+                       R.REGISTRATION_STATUS_DECLINED_FULL]
+    assert len(stub.calls) == 2 and len(sleeps) == 1
 
 
 def test_watch_gives_up_at_its_deadline() -> None:
-    stub = FakeRegistration([R.REGISTRATION_STATUS_PENDING])
-    watcher = PollingWatcher(stub, call_timeout=5, sleep=lambda _: None)
-    updates = watcher.updates("reg-1", deadline=time.monotonic() + 0.05)
-    assert next(updates).status == R.REGISTRATION_STATUS_PENDING
-    with pytest.raises(WatchTimeout, match="still REGISTRATION_STATUS_PENDING"):
-        while True:
-            time.sleep(0.01)
-            next(updates)
+    stub = FakeRegistration([FakeStream([registration(R.REGISTRATION_STATUS_WAITLISTED, 3)],
+                                        EndedCall(grpc.StatusCode.DEADLINE_EXCEEDED))])
+    updates = StreamingWatcher(stub).updates("reg-1", deadline=time.monotonic() + 5)
+    assert next(updates).status == R.REGISTRATION_STATUS_WAITLISTED
+    with pytest.raises(WatchTimeout, match="still REGISTRATION_STATUS_WAITLISTED"):
+        next(updates)
 
 
 class StoppedWatcher:
