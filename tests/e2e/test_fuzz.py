@@ -180,6 +180,7 @@ def request_for(draw: Callable[..., Any], method: Any) -> bytes:
 
 
 def catalogue(channel: grpc.Channel) -> tuple[list[bytes], list[bytes]]:
+    """What catalogue writes decide: every campus, every course but its seat counters."""
     call = channel.unary_unary  # raw bytes: the comparison is of what the service says
     campuses = enrollment_pb2.ListCampusesResponse.FromString(call(
         "/coursesignup.enrollment.v1.EnrollmentService/ListCampuses")(
@@ -187,6 +188,9 @@ def catalogue(channel: grpc.Channel) -> tuple[list[bytes], list[bytes]]:
     courses = enrollment_pb2.ListCoursesResponse.FromString(call(
         "/coursesignup.enrollment.v1.EnrollmentService/ListCourses")(
         enrollment_pb2.ListCoursesRequest(page_size=1000).SerializeToString(), timeout=30))
+    for course in courses.courses:  # the decider changes these on its own, as sign-ups are decided
+        course.ClearField("enrolled_count")
+        course.ClearField("waitlist_count")
     return ([c.SerializeToString(deterministic=True) for c in campuses.campuses],
             [c.SerializeToString(deterministic=True) for c in courses.courses])
 
