@@ -3,6 +3,8 @@
 Each test checks the invariants of DESIGN.md against the databases afterwards: no
 course over capacity at any sampled moment, exactly one decision per accepted
 registration, statistics equal to a recount, one email of each kind per registration.
+The chaos test mixes waiting lists and cancellations in and compares every course with a
+sequential replay of the registrations stream (tests.faults.LifecycleModel).
 CHAOS_REGISTRATIONS raises the size of the chaos run (`make chaos`).
 """
 
@@ -23,6 +25,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coursesignup.enrollment.v1 import enrollment_pb2, enrollment_pb2_grpc
 from coursesignup.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 from coursesignup.registration.v1 import registration_pb2, registration_pb2_grpc
 from coursesignup.stats.v1 import stats_pb2, stats_pb2_grpc
@@ -100,16 +103,6 @@ def check_stats(stats_target: str, engine: Any, course_ids: list[str]) -> None:
         assert overall.average_age == pytest.approx(sum(ages) / len(ages))
 
 
-def check_emails(smtp: Any, registration_ids: set[str]) -> None:
-    with smtp.lock:
-        sent = Counter((m["X-Course-Signup-Registration"], m["X-Course-Signup-Kind"]) for m in smtp.messages)
-    assert {rid for rid, _ in sent} == registration_ids
-    assert all(count == 1 for count in sent.values()), [k for k, c in sent.items() if c > 1][:5]
-    kinds_per_registration = Counter(rid for rid, _ in sent)
-    assert set(kinds_per_registration.values()) == {2}, "one received and one decision email each"
-    assert sum(1 for _, kind in sent if kind == "received") == len(registration_ids)
-
-
 def sign_up_markers(registration_target: str, course_ids: list[str]) -> tuple[list[Applicant], dict[int, str]]:
     """One marker sign-up per course, under a fresh email. Registration puts the command and
     enrollment its decision event under the course as partition key, so each marker travels
@@ -130,15 +123,117 @@ def notifier_drained(notifier_target: str) -> bool:
     return stats.pending_count == 0 and stats.in_flight == 0
 
 
+def lifecycle_state(engine: Any) -> dict[str, Any]:
+    """What enrollment's tables say about every registration: decisions (outcome, promoted),
+    seats, each course's waiting line in order, and the seat counters."""
+    waiting: dict[str, list[str]] = {}
+    for course_id, registration_id in rows(engine, "SELECT course_id, registration_id FROM waitlist "
+                                                   "ORDER BY course_id, seq"):
+        waiting.setdefault(course_id, []).append(registration_id)
+    return {
+        "decisions": {r[0]: (r[1], bool(r[2])) for r in rows(
+            engine, "SELECT registration_id, outcome, promoted FROM decisions")},
+        "enrollments": {r[0]: (r[1], r[2]) for r in rows(
+            engine, "SELECT registration_id, course_id, email FROM enrollments")},
+        "waiting": waiting,
+        "counters": {r[0]: r[1] for r in rows(engine, "SELECT course_id, enrolled_count FROM courses")},
+    }
+
+
+def without(state: dict[str, Any], registration_ids: set[str]) -> dict[str, Any]:
+    """`state` as if `registration_ids` (markers that took no place in line) had never come."""
+    taken = Counter(course for rid, (course, _) in state["enrollments"].items() if rid in registration_ids)
+    assert not any(rid in registration_ids for line in state["waiting"].values() for rid in line)
+    return {
+        "decisions": {k: v for k, v in state["decisions"].items() if k not in registration_ids},
+        "enrollments": {k: v for k, v in state["enrollments"].items() if k not in registration_ids},
+        "waiting": state["waiting"],
+        "counters": {course: count - taken[course] for course, count in state["counters"].items()},
+    }
+
+
+def check_against_model(engine: Any, model: faults.LifecycleModel, registration_target: str,
+                        enrollment_target: str, rng: random.Random) -> None:
+    """Enrollment's tables, GetCourse, ListRegistrations and GetRegistration all tell the
+    outcome of the sequential replay, course by course."""
+    state = lifecycle_state(engine)
+    assert {rid: outcome for rid, (outcome, _) in state["decisions"].items()} == model.status
+    assert {rid for rid, (_, promoted) in state["decisions"].items() if promoted} == model.promoted
+    expected_seats = {rid: (model.course_of[rid], model.student_of[rid])
+                      for rid, status in model.status.items() if status == "ENROLLED"}
+    assert state["enrollments"] == expected_seats
+    assert state["waiting"] == {c: course.waiting for c, course in model.courses.items() if course.waiting}
+    assert state["counters"] == {c: len(course.enrolled) for c, course in model.courses.items()}
+    with grpc.insecure_channel(enrollment_target) as channel:
+        stub = enrollment_pb2_grpc.EnrollmentServiceStub(channel)
+        for course_id, course in model.courses.items():
+            got = stub.GetCourse(enrollment_pb2.GetCourseRequest(course_id=course_id), timeout=10)
+            assert (got.enrolled_count, got.waitlist_count) == (len(course.enrolled), len(course.waiting)), course_id
+            assert got.enrolled_count <= got.capacity == course.capacity
+    status_name = registration_pb2.RegistrationStatus.Name
+    expected = {rid: (f"REGISTRATION_STATUS_{status}", model.position(rid)) for rid, status in model.status.items()}
+    listed: dict[str, tuple[str, int]] = {}
+    with grpc.insecure_channel(registration_target) as channel:
+        stub = registration_pb2_grpc.RegistrationServiceStub(channel)
+        token = ""
+        while True:
+            page = stub.ListRegistrations(registration_pb2.ListRegistrationsRequest(
+                page_size=1000, page_token=token), metadata=helpers.ADMIN_METADATA, timeout=30)
+            for row in page.registrations:
+                registration = row.registration
+                assert registration.registration_id not in listed
+                assert registration.course_id == model.course_of[registration.registration_id]
+                listed[registration.registration_id] = (status_name(registration.status),
+                                                        registration.waitlist_position)
+            token = page.next_page_token
+            if not token:
+                break
+        assert listed == expected
+        waiting = [rid for rid, status in model.status.items() if status == "WAITLISTED"]
+        others = sorted(set(model.status) - set(waiting))
+        for rid in waiting + rng.sample(others, min(300, len(others))):
+            got = stub.GetRegistration(registration_pb2.GetRegistrationRequest(registration_id=rid), timeout=10)
+            assert (status_name(got.status), got.waitlist_position) == expected[rid], rid
+
+
+def check_lifecycle_emails(smtp: Any, expected: set[tuple[str, str]]) -> None:
+    """Exactly the emails the rules call for, each once."""
+    with smtp.lock:
+        sent = Counter((m["X-Course-Signup-Registration"], m["X-Course-Signup-Kind"]) for m in smtp.messages)
+    assert all(count == 1 for count in sent.values()), [k for k, c in sent.items() if c > 1][:5]
+    assert set(sent) == expected, (sorted(set(sent) - expected)[:5], sorted(expected - set(sent))[:5])
+
+
+def redeliver_records(kinesis_endpoint: str, stream: str, records: list[faults.StreamedRecord]) -> int:
+    """The very records again, under their partition keys (an at-least-once producer)."""
+    client = kinesis_client("us-east-1", endpoint_url=kinesis_endpoint)
+    assert all(put_records(client, stream, [OutgoingRecord(r.partition_key, r.data) for r in records]))
+    return len(records)
+
+
+CHAOS_REGISTRATIONS = int(os.environ.get("CHAOS_REGISTRATIONS", "20000"))
+
+
+@pytest.mark.timeout(max(600, CHAOS_REGISTRATIONS // 20))  # `make chaos` runs 100,000
 def test_chaos_workers_killed_and_database_connections_cut_nothing_overbooked_lost_or_doubled(
     tmp_path, kinesis_endpoint
 ):
-    total = int(os.environ.get("CHAOS_REGISTRATIONS", "20000"))
+    """20,000 sign-ups (CHAOS_REGISTRATIONS), 30% of them willing to wait, and one
+    CancelRegistration per eight sign-ups mixed in through the registration service, while
+    two of three enrollment workers are killed and every database connection is cut; then
+    sign-ups and cancellations redelivered. Every course ends as a sequential replay of
+    the registrations stream says, the stats and the emails follow it exactly."""
+    total = CHAOS_REGISTRATIONS
     rng = random.Random(20261128)
     demand = total // 50
     capacities = {f"k{i:02d}": rng.randint(demand // 4, demand * 3 // 2) for i in range(50)}
     campus_of = lambda course_id: f"campus-{int(course_id[1:]) % 3}"  # noqa: E731
-    applicants = faults.make_applicants(rng, sorted(capacities), total)
+    applicants = faults.make_applicants(rng, sorted(capacities), total, waitlist_share=0.3)
+    cancellations = max(40, total // 8)
+    started = time.monotonic()
+
+    def phase(label: str) -> None:  # where the time goes (printed, never asserted)
+        print(f"chaos: {label} at {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     app_name = f"chaos{uuid.uuid4().hex[:8]}"
     env = {"KINESIS_SHARD_COUNT": "4", "LEASE_SECONDS": "3", "SMTP_MAX_CONNECTIONS": "8"}
     with faults.postgres_databases(app_name) as urls, smtp_server(headers_only=True) as (smtp_port, smtp), \
@@ -174,45 +269,98 @@ def test_chaos_workers_killed_and_database_connections_cut_nothing_overbooked_lo
             done_counter["n"] = done
             progress_printer(total, "chaos: registered")(done)
 
+        def decided() -> int:
+            return int(scalar(engine, "SELECT count(*) FROM decisions"))
+
         injector = threading.Thread(target=inject_faults, daemon=True)
         with Monitor(urls["enrollment"]) as monitor:
             injector.start()
-            result = faults.register_all(mesh.target("registration"), applicants, progress=progress)
+            result = faults.register_all(mesh.target("registration"), applicants, progress=progress,
+                                         cancellations=cancellations, rng=random.Random(rng.random()))
             injector.join(60)
+            phase("load done")
             redelivered = faults.redeliver(kinesis_endpoint, stream, applicants, result.accepted, rng, 500)
             poison = faults.put_poison(kinesis_endpoint, stream, [rng.choice(sorted(capacities)) for _ in range(20)])
             registration_ids = set(result.accepted.values())
-            wait_for(lambda: scalar(engine, "SELECT count(*) FROM decisions") == len(registration_ids),
-                     timeout=300, what="every registration decided")
+            wait_for(lambda: decided() == len(registration_ids), timeout=300, what="every registration decided")
+            phase("every registration decided")
+            # A marker sign-up per course follows every command of its course on its shard:
+            # once the markers are decided, so is every cancellation before them.
+            first_markers, first_marked = sign_up_markers(mesh.target("registration"), sorted(capacities))
+            wait_for(lambda: decided() == len(registration_ids) + len(first_markers), 120, "the markers decided")
+            before = lifecycle_state(engine)
+            phase("the first markers decided")
+            assert set(before["decisions"]) == registration_ids | set(first_marked.values()), \
+                "every accepted registration has exactly one decision"
+
+            # Redelivered cancellations (the very records), and sign-ups of registrations since
+            # cancelled: nothing may change, which the second markers prove once they are decided.
+            wait_for(lambda: scalar(engine, "SELECT count(*) FROM outbox") == 0, 120, "every event published")
+            reader = faults.StreamReader(kinesis_endpoint, stream)
+            commands = [(r, faults.decoded(r)) for r in reader.read()]
+            cancels = [r for r, envelope in commands if envelope and envelope.HasField("cancel_registration")]
+            cancelled = {rid for rid, (outcome, _) in before["decisions"].items() if outcome == "CANCELLED"}
+            cancelled_sign_ups = [r for r, envelope in commands if envelope and envelope.HasField("register_student")
+                                  and envelope.register_student.registration_id in cancelled]
+            again = rng.sample(cancels, min(400, len(cancels))) + rng.sample(
+                cancelled_sign_ups, min(100, len(cancelled_sign_ups)))
+            assert redeliver_records(kinesis_endpoint, stream, again) == len(again)
+            markers, marked = sign_up_markers(mesh.target("registration"), sorted(capacities))
+            marker_ids = set(marked.values())
+            wait_for(lambda: decided() == len(before["decisions"]) + len(markers), 120, "the second markers decided")
             monitor.sample()
+        phase("the second markers decided")
+        assert without(lifecycle_state(engine), marker_ids) == before, "a redelivered command changed something"
         assert faults_done == ["kill enrollment-2", "cut database connections", "kill enrollment-3"]
         assert not result.failures, Counter(result.failures.values())
+        assert not result.cancel_failures, result.cancel_failures[:5]
         assert redelivered == 500 and monitor.samples > 10
         assert monitor.overbooked == [], monitor.overbooked[:5]
+        assert monitor.miscounted == [], monitor.miscounted[:5]
+        assert monitor.waiting_beside_free_seats == [], monitor.waiting_beside_free_seats[:5]
         assert monitor.checkpoint_regressions == [], monitor.checkpoint_regressions[:5]
-        check_decisions(engine, applicants, result.accepted, capacities)
         wait_for(lambda: scalar(engine, "SELECT count(*) FROM dead_letters") == poison, 60, "poison dead-lettered")
 
+        model = faults.LifecycleModel(capacities)
+        reader.read()  # the rest: the redeliveries and the second markers
+        model.replay(reader.records)
+        print(f"chaos: cancellations answered {dict(result.cancel_answers)}; replay {dict(model.counts)}",
+              file=sys.stderr, flush=True)
+        # The load did what it is for: cancellations answered in every state, seats freed
+        # and given to the line, places left, redeliveries met with no effect.
+        assert sum(result.cancel_answers.values()) == cancellations
+        assert {"PENDING", "ENROLLED", "CANCELLED"} <= set(result.cancel_answers)
+        for seen in ("WAITLISTED", "DECLINED_FULL", "DECLINED_DUPLICATE", "promoted", "cancel of ENROLLED",
+                     "cancel of WAITLISTED", "cancel of CANCELLED: nothing", "sign-up again"):
+            assert model.counts[seen] > 0, seen
+        assert model.counts["undecodable"] == poison
+        check_against_model(engine, model, mesh.target("registration"), mesh.target("enrollment"), rng)
+        phase("compared with the replay")
+
+        # Stats: every enrollment there ever was, the cancelled ones removed; then the
+        # figures equal a recount of the enrollment rows.
         stats_engine = make_engine(urls["stats"].replace(app_name, f"check-{app_name}"))
-        enrolled = scalar(engine, "SELECT count(*) FROM enrollments")
-        wait_for(lambda: scalar(stats_engine, "SELECT count(*) FROM roster WHERE removed_time IS NULL") == enrolled,
-                 timeout=120, what="stats caught up")
+        expected_roster = {rid: model.status[rid] != "ENROLLED" for rid in model.ever_enrolled}
+
+        def roster() -> dict[str, bool]:
+            return {r[0]: r[1] for r in rows(stats_engine, "SELECT registration_id, removed_time IS NOT NULL "
+                                                           "FROM roster")}
+
+        wait_for(lambda: roster() == expected_roster, timeout=120, what="stats caught up")
         check_stats(mesh.target("stats"), engine, sorted(capacities))
+        phase("stats compared")
 
         def emails_sent() -> int:
             with smtp.lock:
                 return len(smtp.messages)
 
-        wait_for(lambda: emails_sent() >= 2 * len(registration_ids), timeout=400, what="every email", interval=2)
+        wait_for(lambda: emails_sent() >= len(model.emails), timeout=400, what="every email", interval=2)
         # A duplicate email would come from a command or an event delivered twice. Every event
         # is on its stream once the outbox is empty (a relay killed after publishing publishes
-        # its rows again when their claim lapses); then a marker sign-up per course follows the
-        # same partition keys on both streams. Once the notifier sent both of each marker's
-        # emails it has recorded whatever came before them, and once nothing is pending or
-        # being sent, any duplicate among those would have reached the server.
-        wait_for(lambda: scalar(engine, "SELECT count(*) FROM outbox") == 0, 120, "every event published")
-        _, marked = sign_up_markers(mesh.target("registration"), sorted(capacities))
-        marker_ids = set(marked.values())
+        # its rows again when their claim lapses), which it was before the second markers:
+        # they follow the same partition keys on both streams. Once the notifier sent both of
+        # each second marker's emails it has recorded whatever came before them, and once
+        # nothing is pending or being sent, any duplicate among those would have reached the server.
 
         def marker_emails() -> int:
             with smtp.lock:
@@ -220,7 +368,8 @@ def test_chaos_workers_killed_and_database_connections_cut_nothing_overbooked_lo
 
         wait_for(lambda: marker_emails() == 2 * len(marker_ids), 120, "both emails of every marker")
         wait_for(lambda: notifier_drained(mesh.target("notifier")), 60, "the notifier to have nothing pending")
-        check_emails(smtp, registration_ids | marker_ids)
+        check_lifecycle_emails(smtp, model.emails)
+        phase("emails compared")
         engine.dispose()
         stats_engine.dispose()
 
